@@ -1,0 +1,1 @@
+"""Emporium operator: Postgres databases and RabbitMQ topology from custom resources"""

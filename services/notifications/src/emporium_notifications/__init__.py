@@ -1,0 +1,1 @@
+"""Emporium notifications service: event consumer, email and websocket"""

@@ -1,0 +1,1 @@
+"""Emporium orders service: orders, their state machine and outbox"""

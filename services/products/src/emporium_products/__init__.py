@@ -1,0 +1,1 @@
+"""Emporium products service: the catalogue and stock"""

@@ -1,0 +1,1 @@
+"""Emporium users service: accounts, roles, JWTs and JWKS"""

@@ -1,0 +1,1 @@
+"""Throwaway control plane, Postgres, RabbitMQ and SMTP sink for tests and the local platform"""
