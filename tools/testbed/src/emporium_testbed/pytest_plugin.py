@@ -36,6 +36,12 @@ def testbed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the last three runs under its basetemp) for a look after a failure."""
     path = tmp_path_factory.mktemp("testbed")
     path.chmod(0o755)  # the postgres and rabbitmq users must reach their folders inside it
+    # pytest makes its basetemp and the per-user folder above it 0o700: let those users traverse them
+    # (search permission only, no listing).
+    basetemp = tmp_path_factory.getbasetemp()
+    parents = [basetemp] + ([basetemp.parent] if basetemp.parent.name.startswith("pytest-of-") else [])
+    for parent in parents:
+        parent.chmod(parent.stat().st_mode | 0o111)
     return path
 
 
@@ -63,7 +69,7 @@ def rabbitmq(testbed_dir: Path) -> Iterator[RabbitMQServer]:
 
 @pytest.fixture(scope="session")
 def control_plane(testbed_dir: Path) -> Iterator[ControlPlane]:
-    """etcd + kube-apiserver + kube-controller-manager; ``control_plane.kubeconfig`` is an admin kubeconfig."""
+    """etcd + kube-apiserver + kube-controller-manager; ``control_plane.kubeconfig``: an admin kubeconfig."""
     yield from _serve(ControlPlane(testbed_dir / "kube").start())
 
 
