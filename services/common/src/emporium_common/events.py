@@ -1,0 +1,317 @@
+"""Domain events on RabbitMQ: the envelope, publishing with confirms, and an idempotent-friendly consumer.
+
+Contract (docs/contracts.md): topic exchange ``emporium.events``, routing key = event type, JSON envelope
+``{id, type, version, occurred_at, correlation_id, traceparent, data}``.
+
+Services never declare broker objects (their users have no configure permission): everything here uses
+passive access only (``get_exchange(..., ensure=False)`` / ``get_queue(..., ensure=False)``); the operator
+declares exchanges, queues, bindings and dead-letter queues from each service's topology file.
+
+Consumer semantics (:class:`EventConsumer`):
+- a message that is not a valid envelope, or whose handler raises :class:`PermanentEventError`, is
+  rejected without requeue, so the broker dead-letters it (the queue's dead-letter exchange);
+- any other handler error is retried: the consumer waits with exponential backoff (jitter), then returns
+  the message to the queue; after ``max_attempts`` deliveries it is rejected -> dead-lettered.
+  The attempt number comes from the ``x-delivery-count`` header quorum queues add on redelivery (our
+  topology files use quorum queues; their ``deliveryLimit`` is a broker-side backstop);
+- handlers must be idempotent (record the envelope ``id``): delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger("emporium.events")
+
+EXCHANGE = "emporium.events"
+ORDER_CREATED = "order.created"
+ORDER_STATUS_UPDATED = "order.status.updated"
+USER_REGISTERED = "user.registered"
+
+EVENTS_PUBLISHED = Counter("emporium_events_published_total", "Events confirmed by the broker", ["type"])
+EVENTS_PUBLISH_FAILURES = Counter(
+    "emporium_events_publish_failures_total", "Event publications that failed (will be retried)", ["type"]
+)
+EVENTS_CONSUMED = Counter(
+    "emporium_events_consumed_total",
+    "Event deliveries handled by a consumer, by outcome (ok, retried, dead_lettered)",
+    ["queue", "type", "outcome"],
+)
+EVENTS_DEAD_LETTERED = Counter(
+    "emporium_events_dead_lettered_total",
+    "Messages a consumer rejected to the dead-letter exchange",
+    ["queue", "reason"],
+)
+EVENT_HANDLING_SECONDS = Histogram(
+    "emporium_event_handling_seconds", "Time spent in an event handler", ["queue", "type"]
+)
+
+
+class InvalidEventError(ValueError):
+    """The message body is not a valid envelope (never retried: dead-lettered at once)."""
+
+
+class PermanentEventError(Exception):
+    """Raised by a handler for an event it can never process (dead-lettered at once, no retries)."""
+
+
+class Envelope(BaseModel):
+    """The JSON envelope of every domain event. Money in ``data`` travels as strings."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    type: str = Field(min_length=1, max_length=100)
+    version: int = Field(default=1, ge=1)
+    occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    correlation_id: str | None = Field(default=None, max_length=200)
+    traceparent: str | None = Field(default=None, max_length=200)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def current_correlation_id() -> str | None:
+    """The request id of the HTTP request being served, if any."""
+    try:
+        from .request_id import get_request_id
+    except ImportError:  # pragma: no cover - request ids are optional
+        return None
+    return get_request_id()
+
+
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the current span (None without an active trace)."""
+    try:
+        from opentelemetry.propagate import inject
+    except ImportError:  # pragma: no cover
+        return None
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier.get("traceparent")
+
+
+def build_envelope(
+    type: str,
+    data: dict[str, Any],
+    *,
+    version: int = 1,
+    correlation_id: str | None = None,
+    traceparent: str | None = None,
+    event_id: uuid.UUID | None = None,
+) -> Envelope:
+    """A new envelope; correlation id and trace context default to the current request's."""
+    return Envelope(
+        id=event_id or uuid.uuid4(),
+        type=type,
+        version=version,
+        correlation_id=correlation_id if correlation_id is not None else current_correlation_id(),
+        traceparent=traceparent if traceparent is not None else current_traceparent(),
+        data=data,
+    )
+
+
+def parse_envelope(body: bytes | str) -> Envelope:
+    """Parse a message body; raises :class:`InvalidEventError` for anything that is not an envelope."""
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidEventError(f"not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidEventError("envelope must be a JSON object")
+    try:
+        return Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidEventError(f"invalid envelope: {exc.error_count()} error(s)") from exc
+
+
+def to_message(envelope: Envelope) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=envelope.to_json(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(envelope.id),
+        type=envelope.type,
+        correlation_id=envelope.correlation_id,
+        timestamp=envelope.occurred_at,
+        headers={"x-event-version": envelope.version}
+        | ({"traceparent": envelope.traceparent} if envelope.traceparent else {}),
+    )
+
+
+async def get_exchange(channel: AbstractChannel, name: str = EXCHANGE) -> AbstractExchange:
+    """Passive access: the exchange must have been declared by the operator (or a test's topology)."""
+    return await channel.get_exchange(name, ensure=False)
+
+
+async def publish(exchange: AbstractExchange, envelope: Envelope, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Publish and wait for the broker's confirm (the channel must have publisher confirms on).
+
+    Raises on a nack, a timeout or a lost connection: the caller (the outbox relay) keeps the event.
+    """
+    try:
+        await exchange.publish(
+            to_message(envelope), routing_key=envelope.type, mandatory=False, timeout=timeout
+        )
+    except Exception:
+        EVENTS_PUBLISH_FAILURES.labels(envelope.type).inc()
+        raise
+    EVENTS_PUBLISHED.labels(envelope.type).inc()
+
+
+def backoff_delay(attempt: int, base: float = 0.5, maximum: float = 30.0) -> float:
+    """Exponential backoff with full jitter for the given 1-based attempt number."""
+    ceiling = min(maximum, base * (2 ** max(0, attempt - 1)))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+
+
+def delivery_attempt(message: AbstractIncomingMessage) -> int:
+    """1 for the first delivery; quorum queues count earlier deliveries in ``x-delivery-count``."""
+    headers = message.headers or {}
+    try:
+        previous = int(headers.get("x-delivery-count") or 0)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        previous = 0
+    if previous == 0 and message.redelivered:
+        previous = 1
+    return previous + 1
+
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+class EventConsumer:
+    """Consume one queue with retries, backoff and dead-lettering; reconnects after broker outages."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        queue: str,
+        handler: Handler,
+        *,
+        max_attempts: int = 5,
+        prefetch: int = 16,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        reconnect_max: float = 10.0,
+    ) -> None:
+        self.amqp_url, self.queue_name, self.handler = amqp_url, queue, handler
+        self.max_attempts, self.prefetch = max_attempts, prefetch
+        self.backoff_base, self.backoff_max, self.reconnect_max = backoff_base, backoff_max, reconnect_max
+        self.connected = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.connected.is_set()
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, type_: str, reason: str) -> None:
+        EVENTS_DEAD_LETTERED.labels(self.queue_name, reason).inc()
+        EVENTS_CONSUMED.labels(self.queue_name, type_, "dead_lettered").inc()
+        await message.reject(requeue=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = parse_envelope(message.body)
+        except InvalidEventError as exc:
+            log.warning(
+                "dead-lettering an invalid message", extra={"queue": self.queue_name, "error": str(exc)}
+            )
+            await self._dead_letter(message, "invalid", "invalid")
+            return
+        attempt = delivery_attempt(message)
+        try:
+            with EVENT_HANDLING_SECONDS.labels(self.queue_name, envelope.type).time():
+                await self.handler(envelope)
+        except PermanentEventError as exc:
+            log.warning(
+                "dead-lettering an event its handler refused",
+                extra={"event_id": str(envelope.id), "type": envelope.type, "error": str(exc)},
+            )
+            await self._dead_letter(message, envelope.type, "permanent")
+            return
+        except Exception as exc:
+            if attempt >= self.max_attempts:
+                log.error(
+                    "dead-lettering an event after %d attempts",
+                    attempt,
+                    extra={"event_id": str(envelope.id), "type": envelope.type, "error": repr(exc)},
+                )
+                await self._dead_letter(message, envelope.type, "attempts")
+                return
+            delay = backoff_delay(attempt, self.backoff_base, self.backoff_max)
+            log.warning(
+                "event handler failed (attempt %d/%d), retrying in %.2fs",
+                attempt,
+                self.max_attempts,
+                delay,
+                extra={"event_id": str(envelope.id), "type": envelope.type, "error": repr(exc)},
+            )
+            EVENTS_CONSUMED.labels(self.queue_name, envelope.type, "retried").inc()
+            await asyncio.sleep(delay)
+            try:
+                await message.nack(requeue=True)
+            except Exception as nack_exc:  # the channel is gone: the broker redelivers anyway
+                log.info("could not return a message (%r)", nack_exc)
+            return
+        EVENTS_CONSUMED.labels(self.queue_name, envelope.type, "ok").inc()
+        await message.ack()
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; on any broker failure wait (backoff) and reconnect."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                connection = await aio_pika.connect(self.amqp_url, timeout=10)
+            except Exception as exc:
+                failures += 1
+                delay = backoff_delay(failures, 0.5, self.reconnect_max)
+                log.warning("consumer cannot connect to the broker (%r), retrying in %.1fs", exc, delay)
+                await self._sleep(delay)
+                continue
+            self._connection = connection
+            try:
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=self.prefetch)
+                queue = await channel.get_queue(self.queue_name, ensure=False)
+                await queue.consume(self._on_message)
+                failures = 0
+                self.connected.set()
+                log.info("consuming %s", self.queue_name)
+                stop_task = asyncio.ensure_future(self._stop.wait())
+                closed_task = asyncio.ensure_future(connection.closed())
+                await asyncio.wait({stop_task, closed_task}, return_when=asyncio.FIRST_COMPLETED)
+                stop_task.cancel()
+                closed_task.cancel()
+            except Exception as exc:
+                failures += 1
+                log.warning("consumer lost the broker (%r)", exc)
+            finally:
+                self.connected.clear()
+                self._connection = None
+                with contextlib.suppress(Exception):  # already gone, or down
+                    await connection.close()
+            if not self._stop.is_set():
+                await self._sleep(backoff_delay(max(failures, 1), 0.5, self.reconnect_max))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    def stop(self) -> None:
+        self._stop.set()

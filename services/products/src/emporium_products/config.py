@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from emporium_common import Settings
+from pydantic import Field
+
+
+class ProductsSettings(Settings):
+    service_name: str = "products"
+    # Shared secret that callers of /internal/* (the orders service) send as X-Internal-Token.
+    # Unset: the internal endpoints refuse every call (403).
+    internal_token: str | None = Field(default=None, min_length=16)

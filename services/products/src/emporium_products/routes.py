@@ -1,0 +1,156 @@
+"""Public catalogue API (reads public, writes need the admin role) and the internal stock API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from emporium_common import AppError, ErrorResponse, SessionDep, require_role
+from fastapi import APIRouter, Depends, Path, Query, Response, status
+
+from . import crud
+from .internal_auth import require_internal_token
+from .models import (
+    MAX_INT,
+    Product,
+    ProductCreate,
+    ProductList,
+    ProductPublic,
+    ProductUpdate,
+    ReservationPublic,
+    ReservationRequest,
+    SortBy,
+    StockUpdate,
+)
+
+ProductId = Annotated[int, Path(ge=1, le=MAX_INT)]
+NO_NUL = r"^[^\x00]*$"
+
+router = APIRouter(prefix="/products", tags=["products"])
+admin_only = [Depends(require_role("admin"))]
+WRITE_ERRORS = {
+    401: {"model": ErrorResponse},
+    403: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    409: {"model": ErrorResponse},
+}
+
+
+@router.get("", response_model=ProductList)
+async def list_products(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+    category: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
+    is_active: bool | None = None,
+    name: Annotated[
+        str | None, Query(max_length=200, pattern=NO_NUL, description="Substring, case-insensitive")
+    ] = None,
+    sort_by: SortBy = SortBy.created_at_desc,
+) -> ProductList:
+    items, total = await crud.list_products(
+        session,
+        limit=limit,
+        offset=offset,
+        category=category,
+        is_active=is_active,
+        name=name,
+        sort_by=sort_by,
+    )
+    return ProductList(
+        items=[ProductPublic.model_validate(p) for p in items], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/{product_id}", response_model=ProductPublic, responses={404: {"model": ErrorResponse}})
+async def get_product(product_id: ProductId, session: SessionDep) -> Product:
+    return await crud.get_product(session, product_id)
+
+
+@router.post(
+    "",
+    response_model=ProductPublic,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=admin_only,
+    responses=WRITE_ERRORS,
+)
+async def create_product(body: ProductCreate, session: SessionDep) -> Product:
+    if await crud.sku_taken(session, body.sku):
+        raise_conflict()
+    data = body.model_dump()
+    data["is_active"] = True if body.is_active is None else body.is_active
+    return await crud.save_product(session, Product(**data))
+
+
+@router.put("/{product_id}", response_model=ProductPublic, dependencies=admin_only, responses=WRITE_ERRORS)
+async def replace_product(product_id: ProductId, body: ProductCreate, session: SessionDep) -> Product:
+    product = await crud.get_product(session, product_id)
+    if await crud.sku_taken(session, body.sku, exclude_id=product_id):
+        raise_conflict()
+    data = body.model_dump()
+    if data["is_active"] is None:  # a PUT without is_active keeps it (the older API silently reactivated)
+        data.pop("is_active")
+    for key, value in data.items():
+        setattr(product, key, value)
+    return await crud.save_product(session, product)
+
+
+@router.patch("/{product_id}", response_model=ProductPublic, dependencies=admin_only, responses=WRITE_ERRORS)
+async def update_product(product_id: ProductId, body: ProductUpdate, session: SessionDep) -> Product:
+    product = await crud.get_product(session, product_id)
+    data = body.model_dump(exclude_unset=True)
+    if "sku" in data and await crud.sku_taken(session, data["sku"], exclude_id=product_id):
+        raise_conflict()
+    for key, value in data.items():
+        setattr(product, key, value)
+    return await crud.save_product(session, product)
+
+
+@router.delete(
+    "/{product_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=admin_only, responses=WRITE_ERRORS
+)
+async def delete_product(product_id: ProductId, session: SessionDep) -> Response:
+    """Soft delete: the product stays readable but inactive (it can no longer be ordered)."""
+    product = await crud.get_product(session, product_id)
+    product.is_active = False
+    await crud.save_product(session, product)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.patch(
+    "/{product_id}/stock", response_model=ProductPublic, dependencies=admin_only, responses=WRITE_ERRORS
+)
+async def set_stock(product_id: ProductId, body: StockUpdate, session: SessionDep) -> Product:
+    """Set the absolute stock level (not a delta)."""
+    product = await crud.get_product(session, product_id)
+    product.stock_quantity = body.stock_quantity
+    return await crud.save_product(session, product)
+
+
+def raise_conflict() -> None:
+    raise AppError(409, "SKU already exists")
+
+
+internal_router = APIRouter(
+    prefix="/internal/stock",
+    tags=["internal"],
+    dependencies=[Depends(require_internal_token)],
+    responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+)
+
+
+@internal_router.post("/reservations", response_model=ReservationPublic, status_code=status.HTTP_201_CREATED)
+async def reserve(body: ReservationRequest, session: SessionDep, response: Response) -> dict:
+    """Reserve all lines atomically (one call per order); 200 with the same body when replayed."""
+    reservation, created = await crud.reserve_stock(session, body.reservation_id, body.lines)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return crud.reservation_public(reservation)
+
+
+@internal_router.post("/reservations/{reservation_id}/release", response_model=ReservationPublic)
+async def release(
+    reservation_id: Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")],
+    session: SessionDep,
+) -> dict:
+    """Return a reservation's stock (idempotent)."""
+    return crud.reservation_public(await crud.release_stock(session, reservation_id))
