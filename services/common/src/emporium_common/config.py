@@ -1,0 +1,78 @@
+"""One settings class for every service (services subclass it for their extras).
+
+Values come from the environment (names in docs/contracts.md). ``ENVIRONMENT=production`` refuses weak
+configuration instead of starting with it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Passwords that only ever belong in a developer's laptop.
+WEAK_SECRETS = frozenset({"", "postgres", "password", "changethis", "changeme", "secret", "guest", "admin"})
+
+
+def to_asyncpg_url(url: str) -> str:
+    """``postgresql://`` (what the operator's Secret holds) -> ``postgresql+asyncpg://`` for SQLAlchemy."""
+    for prefix in ("postgresql+asyncpg://", "postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    raise ValueError("DATABASE_URL must start with postgresql://")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    service_name: str = "emporium"
+    environment: Literal["local", "development", "production"] = "local"
+    port: int = Field(default=8000, ge=1, le=65535)
+    database_url: str = "postgresql://postgres:postgres@localhost:5432/emporium"
+    database_pool_size: int = Field(default=5, ge=1)
+    amqp_url: str | None = None
+    jwt_issuer: str = "https://emporium.local/users"
+    jwt_audience: str = "emporium"
+    jwks_url: str | None = None
+    jwks_cache_seconds: int = Field(default=300, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    otel_traces_exporter: Literal["none", "console", "otlp"] = "none"
+    otel_exporter_otlp_endpoint: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_driver(cls, value: str) -> str:
+        return to_asyncpg_url(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+    @model_validator(mode="after")
+    def _refuse_weak_production_config(self) -> Settings:
+        if not self.is_production:
+            return self
+        problems = []
+        db = urlsplit(self.database_url)
+        if (db.password or "") in WEAK_SECRETS:
+            problems.append("DATABASE_URL has an empty or default password")
+        if db.hostname in {"localhost", "127.0.0.1"}:
+            problems.append("DATABASE_URL points at localhost")
+        if self.amqp_url:
+            amqp = urlsplit(self.amqp_url)
+            if (amqp.password or "") in WEAK_SECRETS:
+                problems.append("AMQP_URL has an empty or default password")
+        if self.log_level == "DEBUG":
+            problems.append("LOG_LEVEL=DEBUG logs request details in production")
+        if self.otel_traces_exporter == "otlp" and not self.otel_exporter_otlp_endpoint:
+            problems.append("OTEL_TRACES_EXPORTER=otlp needs OTEL_EXPORTER_OTLP_ENDPOINT")
+        if problems:
+            raise ValueError("refusing weak production configuration: " + "; ".join(problems))
+        return self

@@ -1,0 +1,95 @@
+"""One error shape for every service: ``{"detail": ..., "code": ..., "request_id": ...}``.
+
+422 for validation errors (bad JSON included), the HTTPException's own status otherwise, and a logged,
+generic 500 for anything unexpected (never the exception text).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .request_id import get_request_id
+
+log = logging.getLogger("emporium.errors")
+
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (use it in ``responses=`` for OpenAPI docs)."""
+
+    detail: Any
+    code: str
+    request_id: str | None = None
+
+
+class AppError(Exception):
+    """Raise for an expected failure with a specific machine-readable code."""
+
+    def __init__(
+        self, status_code: int, detail: Any, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status_code, self.detail, self.headers = status_code, detail, headers
+        self.code = code or CODES.get(status_code, "error")
+
+
+def error_response(
+    status_code: int, detail: Any, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    code = code or CODES.get(status_code, "error")
+    body = ErrorResponse(detail=detail, code=code, request_id=get_request_id())
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Only loc/msg/type: the raw input and ctx may hold secrets (passwords) or non-JSON values.
+    return [
+        {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", "")), "type": err.get("type")}
+        for err in exc.errors()
+    ]
+
+
+async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+    return error_response(exc.status_code, exc.detail, exc.code, exc.headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, exc.detail, None, getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, _validation_details(exc))
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", extra={"path": request.url.path, "method": request.method})
+    return error_response(500, "Internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,58 @@
+import pytest
+from emporium_common.config import Settings, to_asyncpg_url
+from pydantic import ValidationError
+
+STRONG_DB = "postgresql://users_owner:Zr8s2k1x9Qw@db.emporium.svc:5432/users"
+
+
+def test_database_url_switches_to_asyncpg():
+    assert to_asyncpg_url("postgresql://u:p@h:5432/d") == "postgresql+asyncpg://u:p@h:5432/d"
+    assert to_asyncpg_url("postgres://u:p@h/d") == "postgresql+asyncpg://u:p@h/d"
+    assert Settings(database_url="postgresql://u:p@h/d").database_url.startswith("postgresql+asyncpg://")
+
+
+def test_rejects_non_postgres_url():
+    with pytest.raises(ValidationError):
+        Settings(database_url="mysql://u:p@h/d")
+
+
+def test_reads_environment(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://a:b@c:1/d")
+    monkeypatch.setenv("JWT_AUDIENCE", "shop")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    settings = Settings()
+    assert settings.database_url == "postgresql+asyncpg://a:b@c:1/d"
+    assert settings.jwt_audience == "shop"
+    assert settings.log_level == "DEBUG"
+    assert settings.otel_traces_exporter == "none"
+    assert settings.jwt_issuer == "https://emporium.local/users"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"database_url": "postgresql://postgres:postgres@db:5432/users"},
+        {"database_url": "postgresql://u@db:5432/users"},
+        {"database_url": "postgresql://u:Zr8s2k1x9Qw@localhost:5432/users"},
+        {"amqp_url": "amqp://guest:guest@rabbit:5672/"},
+        {"log_level": "DEBUG"},
+        {"otel_traces_exporter": "otlp"},
+    ],
+)
+def test_production_refuses_weak_config(overrides):
+    values = {"environment": "production", "database_url": STRONG_DB, **overrides}
+    with pytest.raises(ValidationError, match="refusing weak production configuration"):
+        Settings(**values)
+
+
+def test_production_accepts_strong_config():
+    settings = Settings(
+        environment="production",
+        database_url=STRONG_DB,
+        amqp_url="amqp://svc:Zr8s2k1x9Qw@rabbit:5672/emporium",
+    )
+    assert settings.is_production
+
+
+def test_local_allows_defaults():
+    assert not Settings(database_url="postgresql://postgres:postgres@localhost/x").is_production
