@@ -1,0 +1,158 @@
+"""Pure logic: SQL planning and quoting, SCRAM and RabbitMQ hashes, policies, conditions, URIs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from urllib.parse import unquote, urlparse
+
+import pytest
+from emporium_operator import conditions, postgres, rabbit
+from emporium_operator.secrets import amqp_uri, parse_duration, postgres_uri, secret_manifest
+
+
+def test_quote_ident_neutralises_injection():
+    assert postgres.quote_ident('x"; DROP DATABASE postgres; --') == '"x""; DROP DATABASE postgres; --"'
+    assert postgres.quote_ident("Order-DB") == '"Order-DB"'
+    for bad in ("", "a\x00b", "x" * 64):
+        with pytest.raises(postgres.InvalidName):
+            postgres.quote_ident(bad)
+    assert postgres.quote_literal("it's") == "'it''s'"
+
+
+def test_scram_verifier_round_trip():
+    v = postgres.scram_verifier("s3cret", salt=b"0123456789abcdef")
+    assert v.startswith("SCRAM-SHA-256$4096:")
+    assert postgres.scram_matches(v, "s3cret")
+    assert not postgres.scram_matches(v, "other")
+    assert not postgres.scram_matches(None, "s3cret")
+    assert not postgres.scram_matches("md5abc", "s3cret")
+
+
+def test_plan_fresh_database_creates_everything_in_order():
+    desired = postgres.DesiredDatabase("orders", "orders_owner", "pw", ("citext",))
+    steps = postgres.plan(postgres.ObservedDatabase(), desired)
+    assert [s.obj for s in steps] == ["role", "database", "privileges", "schema", "schema", "extension"]
+    assert steps[0].sql.startswith('CREATE ROLE "orders_owner" LOGIN')
+    assert "pw" not in steps[0].sql  # only the SCRAM verifier travels
+    assert steps[1].sql == 'CREATE DATABASE "orders" OWNER "orders_owner"'
+    assert steps[3].dbname == "orders" and steps[3].sql == 'ALTER SCHEMA public OWNER TO "orders_owner"'
+    assert steps[5].sql == 'CREATE EXTENSION IF NOT EXISTS "citext"'
+
+
+def test_plan_converged_is_empty_and_drift_is_targeted():
+    desired = postgres.DesiredDatabase("orders", "orders_owner", "pw", ("citext",))
+    good = postgres.ObservedDatabase(
+        role_exists=True,
+        role_can_login=True,
+        role_password=postgres.scram_verifier("pw"),
+        database_exists=True,
+        database_owner="orders_owner",
+        database_acl=["orders_owner=CTc/orders_owner"],
+        schema_owner="orders_owner",
+        schema_acl=["orders_owner=UC/orders_owner"],
+        extensions={"plpgsql", "citext"},
+    )
+    assert postgres.plan(good, desired) == []
+    good.role_password = postgres.scram_verifier("changed")
+    good.schema_acl = ["orders_owner=UC/orders_owner", "=U/orders_owner"]
+    assert [s.obj for s in postgres.plan(good, desired)] == ["password", "schema"]
+    good.database_acl = None  # default ACL: PUBLIC can connect
+    assert "privileges" in [s.obj for s in postgres.plan(good, desired)]
+
+
+def test_rabbit_password_hash_matches_broker_format():
+    h = rabbit.password_hash("pw", salt=b"abcd")
+    assert base64.b64decode(h) == b"abcd" + hashlib.sha256(b"abcdpw").digest()
+    assert rabbit.password_matches(h, "pw") and not rabbit.password_matches(h, "nope")
+
+
+def test_queue_policy_compiles_tunables():
+    assert rabbit.queue_policy({"name": "plain"}) is None
+    p = rabbit.queue_policy(
+        {
+            "name": "orders.events",
+            "deadLetter": {"exchange": "dlx", "routingKey": "rk"},
+            "messageTtl": 60000,
+            "maxLength": 10,
+            "deliveryLimit": 5,
+        }
+    )
+    assert p["pattern"] == r"^orders\.events$" and p["apply-to"] == "queues"
+    assert p["definition"] == {
+        "dead-letter-exchange": "dlx",
+        "dead-letter-routing-key": "rk",
+        "message-ttl": 60000,
+        "max-length": 10,
+        "delivery-limit": 5,
+    }
+
+
+def test_desired_topology_expands_dead_letter_shorthand_and_least_privilege():
+    spec = {
+        "vhost": "emporium",
+        "exchanges": [{"name": "emporium.events", "type": "topic"}],
+        "queues": [{"name": "n.events", "deadLetter": {"exchange": "n.dlx"}}],
+        "deadLetter": {"exchange": "n.dlx", "queue": "n.dlq"},
+        "bindings": [{"source": "emporium.events", "destination": "n.events", "routingKey": "order.#"}],
+    }
+    t = rabbit.desired_topology(spec, "notifications", "pw")
+    assert t.user == "notifications"
+    assert {e["name"] for e in t.exchanges} == {"emporium.events", "n.dlx"}
+    assert {q["name"] for q in t.queues} == {"n.events", "n.dlq"}
+    assert ("n.dlx", "n.dlq", "queue", "#") in {rabbit.binding_key(b) for b in t.bindings}
+    assert t.permissions == {
+        "configure": "^$",
+        "write": r"^(emporium\.events|n\.dlx)$",
+        "read": r"^(n\.dlq|n\.events)$",
+    }
+    assert set(t.policies) == {"emporium-queue.n.events"}
+
+
+def test_management_paths_cannot_escape_the_vhost():
+    assert rabbit.q("../../api/users") == "..%2F..%2Fapi%2Fusers"
+    assert rabbit.q("/") == "%2F"
+
+
+def test_conditions_keep_transition_time_when_status_is_unchanged():
+    c1 = conditions.set_condition(
+        [], "Ready", False, "ServerUnreachable", "down", 1, now="2026-01-01T00:00:00Z"
+    )
+    c2 = conditions.set_condition(
+        c1, "Ready", False, "ServerUnreachable", "still", 1, now="2026-01-01T00:01:00Z"
+    )
+    assert c2[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z" and c2[0]["message"] == "still"
+    c3 = conditions.set_condition(c2, "Ready", True, "Provisioned", "ok", 2, now="2026-01-01T00:02:00Z")
+    assert c3[0]["lastTransitionTime"] == "2026-01-01T00:02:00Z" and c3[0]["status"] == "True"
+    c4 = conditions.set_condition(c3, "Conflict", True, "Conflict", "x")
+    assert [c["type"] for c in c4] == ["Ready", "Conflict"]
+    assert conditions.remove_condition(c4, "Conflict") == c3
+
+
+def test_uris_percent_encode_credentials_and_vhost():
+    uri = postgres_uri("u@x", "p:/?#%", "db.local", 5432, "orders")
+    parsed = urlparse(uri)
+    assert unquote(parsed.username) == "u@x" and unquote(parsed.password) == "p:/?#%"
+    assert parsed.path == "/orders"
+    assert amqp_uri("svc", "pw", "rmq", 5672, "/") == "amqp://svc:pw@rmq:5672/%2F"
+    assert postgres_uri("u", "p", "h", 1, "d", "require").endswith("?sslmode=require")
+
+
+def test_parse_duration():
+    assert parse_duration("720h") == 720 * 3600
+    assert parse_duration("1d2h3m4s") == 86400 + 7200 + 180 + 4
+    assert parse_duration(None) is None
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+def test_secret_manifest_has_label_and_owner():
+    owner = {
+        "apiVersion": "emporium.dev/v1alpha1",
+        "kind": "PostgresDatabase",
+        "metadata": {"name": "orders", "uid": "u-1"},
+    }
+    m = secret_manifest("orders-db", "ns", owner, {"password": "pw"})
+    assert m["metadata"]["labels"]["emporium.dev/managed"] == "true"
+    assert m["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert base64.b64decode(m["data"]["password"]) == b"pw"
