@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from emporium_common import Settings
+from pydantic import Field
+
+
+class OrdersSettings(Settings):
+    service_name: str = "orders"
+    # The products service (stock reservations over its /internal/ API).
+    products_url: str = "http://products:8000"
+    products_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Shared secret sent to products as X-Internal-Token (same value as the products service's).
+    internal_token: str | None = Field(default=None, min_length=16)
+    # The outbox relay runs inside the service (one per replica; SKIP LOCKED makes that safe).
+    outbox_relay: bool = True
+    outbox_poll_seconds: float = Field(default=0.5, gt=0, le=60)

@@ -1,0 +1,93 @@
+"""Public orders API (every route needs a token)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from emporium_common import CurrentPrincipal, ErrorResponse, SessionDep
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+
+from . import service
+from .models import MAX_INT, OrderCreate, OrderPublic, StatusUpdate
+
+router = APIRouter(
+    prefix="/orders",
+    tags=["orders"],
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+)
+OrderId = Annotated[int, Path(ge=1, le=MAX_INT)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes retries safe: the same key (per user) and body return the first order",
+    ),
+]
+
+
+def _notify_relay(request: Request) -> None:
+    relay = getattr(request.app.state, "relay", None)
+    if relay is not None:
+        relay.notify()
+
+
+@router.post(
+    "",
+    response_model=OrderPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        400: {"model": ErrorResponse, "description": "Insufficient stock or product not available"},
+        409: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+        504: {"model": ErrorResponse},
+    },
+)
+async def create_order(
+    body: OrderCreate,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> OrderPublic:
+    order, replayed = await service.place_order(
+        session, request.app.state.products, principal, body, idempotency_key
+    )
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        _notify_relay(request)
+    return OrderPublic.model_validate(order)
+
+
+@router.get("", response_model=list[OrderPublic])
+async def list_orders(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    skip: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+    limit: Annotated[int, Query(ge=1, le=100)] = 100,
+) -> list[OrderPublic]:
+    """The caller's orders, newest first (a plain JSON array, as in the older API)."""
+    return [OrderPublic.model_validate(o) for o in await service.list_orders(session, principal, skip, limit)]
+
+
+@router.get("/{order_id}", response_model=OrderPublic)
+async def get_order(order_id: OrderId, principal: CurrentPrincipal, session: SessionDep) -> OrderPublic:
+    return OrderPublic.model_validate(await service.get_order_for(session, principal, order_id))
+
+
+@router.patch(
+    "/{order_id}/status",
+    response_model=OrderPublic,
+    responses={403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def update_status(
+    order_id: OrderId, body: StatusUpdate, principal: CurrentPrincipal, session: SessionDep, request: Request
+) -> OrderPublic:
+    """Admins move orders along the state machine; customers may only cancel their own pending orders."""
+    order = await service.change_status(session, request.app.state.products, principal, order_id, body.status)
+    _notify_relay(request)
+    return OrderPublic.model_validate(order)

@@ -1,0 +1,203 @@
+"""Placing orders (reserve stock, then commit the order and its event together) and moving their status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+from emporium_common import AppError, Principal
+from emporium_common.events import ORDER_CREATED, ORDER_STATUS_UPDATED
+from emporium_common.outbox import add_event
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from .models import Order, OrderCreate, OrderItem, OrderStatus, OrderStatusChange
+from .products_client import ProductsClient
+from .state import can_transition, customer_may
+
+RESERVATION_NAMESPACE = uuid.UUID("0d7c5d1e-64b4-4d0a-9a57-5d8f1a2b3c4d")
+
+
+def merge_lines(body: OrderCreate) -> dict[int, int]:
+    merged: dict[int, int] = defaultdict(int)
+    for line in body.items:
+        merged[line.product_id] += line.quantity
+    return dict(sorted(merged.items()))
+
+
+def request_hash(lines: dict[int, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(lines.items())).encode()).hexdigest()
+
+
+async def find_by_key(session: AsyncSession, user_id: str, key: str) -> Order | None:
+    query = select(Order).where(col(Order.user_id) == user_id, col(Order.idempotency_key) == key)
+    return (await session.exec(query)).first()
+
+
+def _replay(order: Order, digest: str) -> Order:
+    if order.request_hash != digest:
+        raise AppError(
+            422, "Idempotency-Key was already used with a different request", "idempotency_key_reused"
+        )
+    return order
+
+
+def order_created_data(order: Order) -> dict[str, Any]:
+    return {
+        "order_id": order.id,
+        "user_id": order.user_id,
+        "user_email": order.user_email or "",
+        "status": order.status,
+        "total_amount": str(order.total_amount),
+        "items": [
+            {
+                "product_id": item.product_id,
+                "product_name": item.product_name,
+                "quantity": item.quantity,
+                "price": str(item.product_price),
+                "subtotal": str(item.subtotal),
+            }
+            for item in order.items
+        ],
+    }
+
+
+async def place_order(
+    session: AsyncSession,
+    products: ProductsClient,
+    principal: Principal,
+    body: OrderCreate,
+    idempotency_key: str | None,
+) -> tuple[Order, bool]:
+    """Returns (order, replayed). Stock is reserved in one call to products; the order, its items and its
+    ``order.created`` event commit in one transaction."""
+    lines = merge_lines(body)
+    digest = request_hash(lines)
+    if idempotency_key:
+        existing = await find_by_key(session, principal.sub, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest), True
+        # Same key -> same reservation id: concurrent retries reserve once.
+        reservation_id = uuid.uuid5(RESERVATION_NAMESPACE, f"{principal.sub}\n{idempotency_key}").hex
+    else:
+        reservation_id = uuid.uuid4().hex
+
+    reserved = await products.reserve(reservation_id, lines)
+
+    order = Order(
+        user_id=principal.sub,
+        user_email=principal.email,
+        status=OrderStatus.pending,
+        total_amount=Decimal(0),
+        reservation_id=reservation_id,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+    )
+    total = Decimal(0)
+    items = []
+    for line in reserved:
+        price = Decimal(line["price"])
+        subtotal = price * int(line["quantity"])
+        total += subtotal
+        items.append(
+            OrderItem(
+                product_id=int(line["product_id"]),
+                product_name=line["product_name"],
+                product_price=price,
+                quantity=int(line["quantity"]),
+                subtotal=subtotal,
+            )
+        )
+    order.total_amount = total
+    order.items = items
+    session.add(order)
+    try:
+        await session.flush()
+        session.add(
+            OrderStatusChange(
+                order_id=order.id, from_status=None, to_status="pending", changed_by=principal.sub
+            )
+        )
+        add_event(session, ORDER_CREATED, order_created_data(order))
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        if idempotency_key:
+            # A concurrent retry with the same key won the race: it holds the same reservation.
+            existing = await find_by_key(session, principal.sub, idempotency_key)
+            if existing is not None:
+                return _replay(existing, digest), True
+        await products.release(reservation_id)
+        raise AppError(409, "Order could not be stored, please retry") from None
+    except Exception:
+        await session.rollback()
+        await products.release(reservation_id)
+        raise
+    await session.refresh(order)
+    return order, False
+
+
+async def get_order_for(
+    session: AsyncSession, principal: Principal, order_id: int, *, lock: bool = False
+) -> Order:
+    query = select(Order).where(col(Order.id) == order_id)
+    if lock:
+        query = query.with_for_update()
+    order = (await session.exec(query)).first()
+    if order is None or (order.user_id != principal.sub and not principal.has_role("admin")):
+        raise AppError(404, f"Order {order_id} not found")
+    return order
+
+
+async def change_status(
+    session: AsyncSession, products: ProductsClient, principal: Principal, order_id: int, new: OrderStatus
+) -> Order:
+    order = await get_order_for(session, principal, order_id, lock=True)
+    current = OrderStatus(order.status)
+    if not principal.has_role("admin"):
+        if new is not OrderStatus.cancelled:
+            raise AppError(403, "Customers may only cancel their own orders", "forbidden")
+        if not customer_may(current, new):
+            raise AppError(409, f"Cannot change order status from {current} to {new}", "illegal_transition")
+    if not can_transition(current, new):
+        raise AppError(409, f"Cannot change order status from {current} to {new}", "illegal_transition")
+    if new is OrderStatus.cancelled:
+        # Idempotent release while the order row is locked; on failure nothing changes (503).
+        await products.release(order.reservation_id)
+    order.status = new
+    session.add(order)
+    session.add(
+        OrderStatusChange(order_id=order.id, from_status=current, to_status=new, changed_by=principal.sub)
+    )
+    add_event(
+        session,
+        ORDER_STATUS_UPDATED,
+        {
+            "order_id": order.id,
+            "user_id": order.user_id,
+            "user_email": order.user_email or "",
+            "old_status": str(current),
+            "new_status": str(new),
+            "updated_by": principal.sub,
+            "total_amount": str(order.total_amount),
+        },
+    )
+    await session.commit()
+    await session.refresh(order)
+    return order
+
+
+async def list_orders(session: AsyncSession, principal: Principal, skip: int, limit: int) -> list[Order]:
+    query = (
+        select(Order)
+        .where(col(Order.user_id) == principal.sub)
+        .order_by(col(Order.created_at).desc(), col(Order.id).desc())
+        .offset(skip)
+        .limit(limit)
+    )
+    return list((await session.exec(query)).all())
