@@ -118,6 +118,7 @@ ensure() {
 }
 
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm kubeconform pilot-discovery pilot-agent)
+# Default: what `make test` needs. Istio's pilot-discovery/pilot-agent are built on request (local ingress).
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm)
 for t in "${tools[@]}"; do ensure "$t"; done
 echo "$bin"

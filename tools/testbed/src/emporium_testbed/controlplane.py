@@ -19,13 +19,14 @@ from .toolchain import tool
 
 CONTROLLERS = ",".join(
     [
-        "garbage-collector",
-        "namespace",
-        "serviceaccount",
-        "serviceaccount-token",
-        "endpointslice",
-        "endpointslice-mirroring",
-        "root-ca-certificate-publisher",
+        "garbage-collector-controller",
+        "namespace-controller",
+        "serviceaccount-controller",
+        "serviceaccount-token-controller",
+        "endpointslice-controller",
+        "endpointslice-mirroring-controller",
+        "root-ca-certificate-publisher-controller",
+        "clusterrole-aggregation-controller",
     ]
 )
 
@@ -117,7 +118,9 @@ class ControlPlane:
                 f"--controllers={CONTROLLERS}",
                 f"--service-account-private-key-file={pki('sa.key')}",
                 f"--root-ca-file={pki('ca.crt')}",
-                "--use-service-account-credentials=false",
+                # Each controller runs as its own service account with the bootstrap RBAC roles,
+                # as in a real cluster.
+                "--use-service-account-credentials=true",
                 "--leader-elect=false",
                 "--concurrent-gc-syncs=5",
                 "--v=1",
@@ -163,6 +166,15 @@ class ControlPlane:
             self.base_dir / "kube-controller-manager.kubeconfig", "kube-controller-manager"
         )
         assert self.etcd and self.apiserver and self.controller_manager
+        try:
+            self._start_processes(timeout)
+        except BaseException:
+            self.stop()  # nothing half-started is left behind
+            raise
+        return self
+
+    def _start_processes(self, timeout: float) -> None:
+        assert self.etcd and self.apiserver and self.controller_manager
         self.etcd.start()
         self.etcd.wait_ready(lambda: self._http_ok(f"http://{self.host}:{self.etcd_port}/health"), timeout)
         self.apiserver.start()
@@ -171,7 +183,6 @@ class ControlPlane:
         self.controller_manager.wait_ready(
             lambda: self._https_ok("/healthz", port=self.controller_manager_port, client_cert=False), timeout
         )
-        return self
 
     def stop(self) -> None:
         for process in self.processes():

@@ -113,7 +113,11 @@ class PostgresServer:
         if is_root():
             chown_to(self.base_dir, PG_USER)
         self.process.start()
-        self.process.wait_ready(self.ready, timeout)
+        try:
+            self.process.wait_ready(self.ready, timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def ready(self) -> bool:

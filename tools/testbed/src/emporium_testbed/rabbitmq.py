@@ -14,6 +14,7 @@ import shutil
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from .process import ManagedProcess, as_user, chown_to, free_port, is_root, port_open
 
@@ -94,9 +95,8 @@ class RabbitMQServer:
         return self.url_for(self.admin_user, self.admin_password)
 
     def url_for(self, user: str, password: str, vhost: str = "/") -> str:
-        from urllib.parse import quote
-
-        return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.amqp_port}/{quote(vhost, safe='')}"
+        credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        return f"amqp://{credentials}@{self.host}:{self.amqp_port}/{quote(vhost, safe='')}"
 
     @property
     def management_url(self) -> str:
@@ -140,7 +140,11 @@ class RabbitMQServer:
             self.epmd.start()
             self.epmd.wait_ready(lambda: port_open(self.host, self.epmd_port), 15)
         self.process.start()
-        self.process.wait_ready(self.ready, timeout)
+        try:
+            self.process.wait_ready(self.ready, timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def ready(self) -> bool:

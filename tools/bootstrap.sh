@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what `make test` and `make up` need on a fresh machine and is a no-op once it is there:
+# uv, the Python environment (from uv.lock), and (as root, via apt) RabbitMQ, promtool and Postgres 15.
+# Go (for the toolchain build) must already be on the machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "bootstrap: $*" >&2; }
+
+need_apt=()
+command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql-15)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    log "installing ${need_apt[*]} with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # policy-rc.d keeps the packages' own services from starting: the test bed runs its own instances.
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    rm -f /usr/sbin/policy-rc.d
+  else
+    log "missing ${need_apt[*]}: install them (apt-get install ${need_apt[*]}) or run as root"
+    exit 1
+  fi
+fi
+command -v go >/dev/null 2>&1 || { log "Go (1.26) is required to build the toolchain: https://go.dev/dl"; exit 1; }
+
+if ! command -v uv >/dev/null 2>&1; then
+  log "installing uv from PyPI"
+  python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+  export PATH="$HOME/.local/bin:$PATH"
+fi
+uv sync --all-packages --locked --quiet

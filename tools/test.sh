@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `make test`: install what is missing, ensure the toolchain, lint, then run the whole pytest suite.
+# Extra arguments go to pytest (e.g. `make test ARGS="services/users -k login"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.local/bin:$PATH"
+
+bash tools/bootstrap.sh
+EMPORIUM_TOOLCHAIN_BIN=$(bash tools/toolchain/build.sh | tail -n 1)
+export EMPORIUM_TOOLCHAIN_BIN
+export PATH="$EMPORIUM_TOOLCHAIN_BIN:$PATH"
+
+echo "== ruff"
+uv run --locked ruff check .
+uv run --locked ruff format --check .
+
+echo "== pytest"
+status=0
+uv run --locked pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure here" >&2
+  exit 1
+fi
+exit "$status"
