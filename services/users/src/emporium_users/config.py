@@ -1,0 +1,34 @@
+"""Users service settings: the common ones plus keys, token lifetimes, admin bootstrap and login limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emporium_common import Settings
+from pydantic import Field, model_validator
+
+
+class UsersSettings(Settings):
+    service_name: str = "users"
+    # PEM private keys: current.pem signs; next.pem and previous.pem are only published (rotation).
+    jwt_keys_dir: Path = Path(".local/jwt-keys")
+    access_token_minutes: int = Field(default=15, ge=1, le=60)
+    refresh_token_days: int = Field(default=14, ge=1, le=90)
+    # Bootstrap the first admin at startup (also: `python -m emporium_users create-admin`).
+    admin_email: str | None = None
+    admin_username: str = "admin"
+    admin_password: str | None = None
+    # Login throttling: failures per account, attempts per client address, each in a sliding window.
+    login_max_failures_per_account: int = Field(default=5, ge=1)
+    login_account_window_seconds: int = Field(default=900, ge=1)
+    login_max_attempts_per_address: int = Field(default=30, ge=1)
+    login_address_window_seconds: int = Field(default=300, ge=1)
+    # How many reverse proxies (Istio ingress = 1) append to X-Forwarded-For in front of us; 0 = use the
+    # socket peer. Trusting more hops than exist lets clients pick their own address.
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=5)
+
+    @model_validator(mode="after")
+    def _refuse_weak_admin_password(self) -> UsersSettings:
+        if self.is_production and self.admin_password is not None and len(self.admin_password) < 12:
+            raise ValueError("refusing weak production configuration: ADMIN_PASSWORD shorter than 12")
+        return self

@@ -1,0 +1,71 @@
+"""The users service app: ``uvicorn emporium_users.main:app`` (or ``python -m emporium_users serve``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from emporium_common import create_app
+from emporium_common.auth import StaticKeySet, TokenVerifier
+from fastapi import FastAPI
+
+from . import crud
+from .config import UsersSettings
+from .keys import KeyRing, generate_local_keys
+from .routes import users, wellknown
+
+log = logging.getLogger("emporium.users")
+
+
+def load_keys(settings: UsersSettings) -> KeyRing:
+    if not (settings.jwt_keys_dir / "current.pem").exists() and not settings.is_production:
+        generate_local_keys(settings.jwt_keys_dir)  # local runs: made once, kept in the directory
+    return KeyRing(settings.jwt_keys_dir)
+
+
+async def bootstrap_admin(app: FastAPI) -> None:
+    settings: UsersSettings = app.state.settings
+    if not (settings.admin_email and settings.admin_password):
+        return
+    async with app.state.sessionmaker() as session:
+        try:
+            await crud.ensure_admin(
+                session=session,
+                email=settings.admin_email.strip().lower(),
+                username=settings.admin_username,
+                password=settings.admin_password,
+            )
+        except crud.DuplicateUser:  # another replica won the race, or the username is taken
+            log.warning("admin bootstrap: account not created (email or username already taken)")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await bootstrap_admin(app)
+    yield
+
+
+def build_app(settings: UsersSettings | None = None, keys: KeyRing | None = None) -> FastAPI:
+    settings = settings or UsersSettings()
+    keys = keys or load_keys(settings)
+    # The users service verifies its own tokens against its own key set: no HTTP round trip.
+    verifier = TokenVerifier(
+        StaticKeySet(keys.jwks), issuer=settings.jwt_issuer, audience=settings.jwt_audience
+    )
+    app = create_app(
+        settings,
+        [users.router, wellknown.router],
+        title="Emporium users",
+        token_verifier=verifier,
+        lifespan=lifespan,
+    )
+    app.state.keys = keys
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `emporium_users.main:app` for uvicorn, built on first access (importing the module has no side effects).
+    if name == "app":
+        return build_app()
+    raise AttributeError(name)

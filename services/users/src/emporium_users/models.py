@@ -1,0 +1,148 @@
+"""The users service's tables and API shapes (SQLModel class family per entity)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from emporium_common import db as _db  # noqa: F401 - sets the constraint naming convention first
+from pydantic import AfterValidator, BeforeValidator, EmailStr
+from sqlalchemy import CheckConstraint, Column, DateTime, ForeignKey, String, func
+from sqlmodel import Field, SQLModel
+
+PASSWORD_MAX_BYTES = 72  # bcrypt's limit: longer passwords are refused, never silently cut
+
+
+class Role(StrEnum):
+    customer = "customer"
+    admin = "admin"
+
+
+def _normalise_email(value: object) -> object:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _printable(value: str) -> str:
+    # Postgres rejects NUL and lone surrogates cannot be encoded: refuse them here (422), not in the DB (500).
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode") from None
+    return value
+
+
+def _password(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode") from None
+    if size > PASSWORD_MAX_BYTES:
+        raise ValueError(f"must be at most {PASSWORD_MAX_BYTES} bytes in UTF-8")
+    return value
+
+
+Email = Annotated[EmailStr, BeforeValidator(_normalise_email)]
+Username = Annotated[str, Field(min_length=3, max_length=50), AfterValidator(_printable)]
+NewPassword = Annotated[str, Field(min_length=8), AfterValidator(_password)]
+
+
+def _timestamp(**kwargs) -> Column:
+    return Column(DateTime(timezone=True), nullable=False, server_default=func.now(), **kwargs)
+
+
+class UserBase(SQLModel):
+    email: Email = Field(max_length=255)
+    username: Username
+
+
+class UserCreate(UserBase):
+    password: NewPassword
+
+
+class User(UserBase, table=True):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint("role IN ('customer', 'admin')", name="role"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(max_length=255, sa_column_kwargs={"unique": True}, index=False)
+    username: str = Field(max_length=50, sa_column_kwargs={"unique": True})
+    hashed_password: str = Field(max_length=255)
+    is_active: bool = Field(default=True)
+    role: Role = Field(default=Role.customer, sa_type=String(20))
+    created_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    updated_at: datetime | None = Field(default=None, sa_column=_timestamp(onupdate=func.now()))
+
+    @property
+    def roles(self) -> list[str]:
+        return [str(self.role)]
+
+
+class UserPublic(SQLModel):
+    id: int
+    email: str
+    username: str
+    is_active: bool
+    roles: list[str]
+    created_at: datetime
+    updated_at: datetime
+
+
+class RefreshToken(SQLModel, table=True):
+    """One refresh token. Tokens from one login form a family; each refresh spends one and issues the next.
+
+    Only the SHA-256 of the token is stored (it is a 256-bit random value, so a fast hash is enough).
+    """
+
+    __tablename__ = "refresh_tokens"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: int = Field(
+        sa_column=Column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    family_id: uuid.UUID = Field(index=True)
+    token_hash: str = Field(max_length=64, sa_column_kwargs={"unique": True})
+    created_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class LoginAttempt(SQLModel, table=True):
+    """Recent login attempts, for throttling per account and per client address."""
+
+    __tablename__ = "login_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(max_length=255, index=True)
+    client_address: str = Field(max_length=64, index=True)
+    succeeded: bool
+    attempted_at: datetime | None = Field(default=None, sa_column=_timestamp(index=True))
+
+
+# API shapes
+
+
+class LoginRequest(SQLModel):
+    email: Email
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class RefreshRequest(SQLModel):
+    refresh_token: str = Field(min_length=1, max_length=512)
+
+
+class Token(SQLModel):
+    access_token: str
+    token_type: str = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
+    expires_in: int
+    refresh_token: str
+
+
+class Message(SQLModel):
+    detail: str
