@@ -63,7 +63,7 @@ kind: Job
 metadata:
   name: {{ include "emporium-lib.fullname" . }}-migrate
   labels:
-    {{- include "emporium-lib.labels" . | nindent 4 }}
+    {{- include "emporium-lib.commonLabels" . | nindent 4 }}
     app.kubernetes.io/component: migration
   annotations:
     helm.sh/hook: post-install,pre-upgrade

@@ -21,10 +21,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "emporium-lib.labels" -}}
+{{ include "emporium-lib.commonLabels" . }}
+app.kubernetes.io/component: {{ .Values.component | default "service" }}
+{{- end -}}
+
+{{/* The standard labels without app.kubernetes.io/component (for objects that set their own). */}}
+{{- define "emporium-lib.commonLabels" -}}
 helm.sh/chart: {{ include "emporium-lib.chart" . }}
 {{ include "emporium-lib.selectorLabels" . }}
 app.kubernetes.io/version: {{ (.Values.image.tag | default .Chart.AppVersion) | toString | trunc 63 | trimSuffix "-" | quote }}
-app.kubernetes.io/component: {{ .Values.component | default "service" }}
 app.kubernetes.io/part-of: emporium
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
