@@ -69,7 +69,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 4
-    settings.batching.error_delays = [1, 2, 5, 10, 20, 30, 60]
+    settings.queueing.error_delays = [1, 2, 5, 10, 20, 30, 60]
     # Only our own Secrets are streamed from the API server (server-side label selector).
     settings.watching.label_selectors["secrets"] = f"{MANAGED_LABEL}=true"
     metrics.serve()

@@ -35,7 +35,7 @@ from kopf.testing import KopfRunner  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
 
-CRDS = Path(__file__).resolve().parents[2] / "charts" / "emporium-operator" / "crds"
+CRDS = Path(__file__).resolve().parents[3] / "charts" / "emporium-operator" / "crds"
 GROUP, VERSION = "emporium.dev", "v1alpha1"
 PLURALS = {
     "PostgresServer": "postgresservers",
