@@ -72,6 +72,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.queueing.error_delays = [1, 2, 5, 10, 20, 30, 60]
     # Only our own Secrets are streamed from the API server (server-side label selector).
     settings.watching.label_selectors["secrets"] = f"{MANAGED_LABEL}=true"
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     metrics.serve()
 
 
