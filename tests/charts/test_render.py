@@ -1,0 +1,341 @@
+"""Static chart checks: lint, render (defaults and every skaffold profile), strict schema validation
+with kubeconform, labels, hardening, and the wiring between the charts and the operator's Secrets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import (
+    ALL_CHARTS,
+    APP_CHARTS,
+    CHARTS,
+    SERVICES,
+    helm_args_for,
+    parse,
+    run,
+    skaffold_profiles,
+)
+
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/part-of",
+)
+# The keys the operator writes (docs/contracts.md).
+OPERATOR_SECRET_KEYS = {
+    "PostgresDatabase": {"uri", "DATABASE_URL", "host", "port", "dbname", "username", "password"},
+    "RabbitTopology": {"uri", "AMQP_URL", "host", "port", "vhost", "username", "password"},
+}
+OPERATOR_SECRET_SUFFIX = {"PostgresDatabase": "-db", "RabbitTopology": "-amqp"}
+
+
+def pod_specs(objects: list[dict]):
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield obj, obj["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("chart", ALL_CHARTS)
+def test_helm_lint_strict(helm: str, charts_dir: Path, chart: str) -> None:
+    out = run([helm, "lint", "--strict", str(charts_dir / chart)]).stdout
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("chart", ALL_CHARTS)
+def test_chart_has_schema_and_notes(chart: str) -> None:
+    schema = json.loads((CHARTS / chart / "values.schema.json").read_text())
+    assert schema["type"] == "object"
+    assert (CHARTS / chart / "templates" / "NOTES.txt").is_file()
+
+
+@pytest.mark.parametrize("chart", APP_CHARTS)
+def test_values_schema_rejects_unknown_keys(helm: str, charts_dir: Path, chart: str) -> None:
+    """A mistyped --set key fails instead of being ignored silently (the Online Boutique lesson)."""
+    result = subprocess.run(
+        [helm, "template", "x", str(charts_dir / chart), "--set", "replicaCountt=3"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "replicaCountt" in result.stderr
+
+
+def render_cases() -> list[tuple[str, str, list[str]]]:
+    """(case id, chart, helm args): every chart with its defaults, and each skaffold profile's releases."""
+    cases = [(f"{chart}-defaults", chart, []) for chart in APP_CHARTS]
+    for profile, releases in skaffold_profiles().items():
+        for release in releases:
+            chart = Path(release["chartPath"]).name
+            cases.append((f"skaffold-{profile}-{release['name']}", chart, helm_args_for(release)))
+    return cases
+
+
+RENDER_CASES = render_cases()
+
+
+@pytest.mark.parametrize(("chart", "args"), [c[1:] for c in RENDER_CASES], ids=[c[0] for c in RENDER_CASES])
+def test_render_validates_strictly(render, kubeconform: str, schema_locations, tmp_path, chart, args) -> None:
+    manifest = render(chart, *args, "--include-crds", raw=True)
+    hooks = render(chart, *args, raw=True)  # helm template includes hook objects (the migration Jobs)
+    assert parse(hooks)
+    path = tmp_path / "rendered.yaml"
+    path.write_text(manifest)
+    cmd = [kubeconform, "-strict", "-summary", "-output", "json"]
+    for location in schema_locations:
+        cmd += ["-schema-location", location]
+    result = subprocess.run([*cmd, str(path)], capture_output=True, text=True)
+    report = json.loads(result.stdout or "{}")
+    assert result.returncode == 0, json.dumps(report.get("resources", report), indent=1)[:4000]
+    summary = report["summary"]
+    assert summary["invalid"] == 0 and summary["errors"] == 0 and summary["skipped"] == 0
+    assert summary["valid"] == len(parse(manifest))
+
+
+def test_skaffold_profiles_cover_operator_and_platform() -> None:
+    profiles = skaffold_profiles()
+    assert {"default", "no-mesh", "ha"} <= set(profiles)
+    for releases in profiles.values():
+        # operator first (its CRDs), then the platform
+        assert [Path(r["chartPath"]).name for r in releases] == ["emporium-operator", "emporium"]
+
+
+@pytest.mark.parametrize("chart", APP_CHARTS)
+def test_standard_labels(render, chart: str) -> None:
+    for obj in render(chart):
+        labels = obj["metadata"].get("labels", {})
+        missing = [label for label in STANDARD_LABELS if label not in labels]
+        assert not missing, f"{obj['kind']}/{obj['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/part-of"] == "emporium"
+        if obj["kind"] in ("Deployment", "Job"):
+            pod_labels = obj["spec"]["template"]["metadata"]["labels"]
+            assert {"app.kubernetes.io/name", "app.kubernetes.io/instance"} <= set(pod_labels)
+
+
+@pytest.mark.parametrize("chart", ["emporium", "emporium-operator"])
+def test_pods_are_hardened(render, chart: str) -> None:
+    objects = render(chart)
+    assert list(pod_specs(objects))
+    for obj, spec in pod_specs(objects):
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert container["resources"]["requests"] and container["resources"]["limits"], where
+            assert container["imagePullPolicy"] == "IfNotPresent", where
+
+
+def test_service_workloads(render) -> None:
+    """Each service: probes on /healthz and /readyz, HPA, PDB, NetworkPolicy, ServiceMonitor, its
+    PostgresDatabase, its RabbitTopology when it uses the broker, and the migration Job."""
+    objects = render("emporium")
+    by_kind: dict[str, dict[str, dict]] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], {})[obj["metadata"]["name"]] = obj
+    for svc in SERVICES:
+        deployment = by_kind["Deployment"][svc]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"] == ["python", "-m", f"emporium_{svc}", "serve"]
+        assert container["ports"][0]["containerPort"] == 8000
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+        for kind in ("Service", "ServiceAccount", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+            assert svc in by_kind[kind], (kind, svc)
+        for kind in ("NetworkPolicy", "ServiceMonitor", "PostgresDatabase"):
+            assert svc in by_kind[kind], (kind, svc)
+        assert by_kind["PostgresDatabase"][svc]["spec"]["secretName"] == f"{svc}-db"
+        job = by_kind["Job"][f"{svc}-migrate"]
+        hook = job["metadata"]["annotations"]["helm.sh/hook"]
+        assert hook == "post-install,pre-upgrade"
+        job_spec = job["spec"]
+        assert job_spec["parallelism"] == 1 and job_spec["completions"] == 1
+        assert job_spec["template"]["spec"]["containers"][0]["args"] == [
+            "python",
+            "-m",
+            f"emporium_{svc}",
+            "migrate",
+        ]
+    # products neither publishes nor consumes; users and orders publish, notifications consumes
+    assert set(by_kind["RabbitTopology"]) == {"users", "orders", "notifications"}
+    assert set(by_kind["RabbitVhost"]) == {"emporium"}
+    for name, topology in by_kind["RabbitTopology"].items():
+        spec = topology["spec"]
+        assert spec["secretName"] == f"{name}-amqp"
+        assert spec["serverRef"] == {"name": "rabbit"} and spec["vhost"] == "emporium"
+        source = yaml.safe_load((CHARTS / name / "files" / "rabbit-topology.yaml").read_text())
+        for key in ("user", "exchanges", "queues", "bindings"):
+            assert spec.get(key) == source.get(key), (name, key)
+
+
+def secret_sources(objects: list[dict]) -> dict[str, set[str]]:
+    """Secret name -> keys, for Secrets the charts render and those the operator will write."""
+    sources: dict[str, set[str]] = {}
+    for obj in objects:
+        if obj["kind"] == "Secret":
+            keys = set(obj.get("data") or {}) | set(obj.get("stringData") or {})
+            sources[obj["metadata"]["name"]] = keys
+        if obj["kind"] in OPERATOR_SECRET_KEYS:
+            name = (
+                obj["spec"].get("secretName") or obj["metadata"]["name"] + OPERATOR_SECRET_SUFFIX[obj["kind"]]
+            )
+            sources[name] = OPERATOR_SECRET_KEYS[obj["kind"]]
+    return sources
+
+
+def secret_refs(objects: list[dict]):
+    """(workload, Secret name, key or None for a whole-Secret volume) for every reference."""
+    for obj, spec in pod_specs(objects):
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            for env in container.get("env", []):
+                ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    yield where, ref["name"], ref["key"]
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                yield where, volume["secret"]["secretName"], None
+
+
+def test_every_referenced_secret_has_a_source(render) -> None:
+    """Every Secret a workload reads is rendered by a chart or written by the operator, with the key."""
+    objects = render("emporium")
+    sources = secret_sources(objects)
+    refs = list(secret_refs(objects))
+    assert {name for _, name, _ in refs} >= {f"{svc}-db" for svc in SERVICES}
+    assert {name for _, name, _ in refs} >= {"users-amqp", "orders-amqp", "notifications-amqp"}
+    for where, name, key in refs:
+        assert name in sources, f"{where} reads Secret {name}, which nothing creates"
+        if key:
+            assert key in sources[name], f"{where} reads key {key} of {name}; it has {sorted(sources[name])}"
+
+
+def test_service_environment_matches_contract(render) -> None:
+    objects = render("emporium", "-f", str(CHARTS.parent / "k8s" / "values" / "kind.yaml"))
+    envs = {}
+    for obj in objects:
+        if obj["kind"] == "Deployment":
+            container = obj["spec"]["template"]["spec"]["containers"][0]
+            envs[obj["metadata"]["name"]] = {e["name"]: e for e in container["env"]}
+    common = {"ENVIRONMENT", "LOG_LEVEL", "DATABASE_URL", "JWT_ISSUER", "JWT_AUDIENCE", "JWKS_URL"}
+    for svc in SERVICES:
+        assert common <= set(envs[svc]), svc
+    for svc in ("users", "orders", "notifications"):
+        assert envs[svc]["AMQP_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{svc}-amqp",
+            "key": "AMQP_URL",
+        }
+    assert "AMQP_URL" not in envs["products"]
+    assert envs["orders"]["PRODUCTS_URL"]["value"] == "http://products.emporium.svc.cluster.local:8000"
+    assert envs["users"]["JWT_KEYS_DIR"]["value"] == "/var/run/secrets/emporium/jwt-keys"
+    assert {"ADMIN_EMAIL", "ADMIN_PASSWORD"} <= set(envs["users"])
+    assert {"SMTP_HOST", "SMTP_PORT", "SMTP_FROM"} <= set(envs["notifications"])
+    assert envs["products"]["INTERNAL_TOKEN"]["valueFrom"] == envs["orders"]["INTERNAL_TOKEN"]["valueFrom"]
+    assert (
+        envs["users"]["JWKS_URL"]["value"]
+        == "http://users.emporium.svc.cluster.local:8000/.well-known/jwks.json"
+    )
+
+
+def test_operator_chart(render) -> None:
+    objects = render("emporium-operator", "--include-crds")
+    by_kind = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    crds = {crd["spec"]["names"]["kind"] for crd in by_kind["CustomResourceDefinition"]}
+    assert {"PostgresServer", "PostgresDatabase", "RabbitServer", "RabbitVhost", "RabbitTopology"} <= crds
+    (deployment,) = by_kind["Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:6] == [
+        "kopf",
+        "run",
+        "-m",
+        "emporium_operator.main",
+        "--all-namespaces",
+        "--liveness=http://0.0.0.0:8080/healthz",
+    ]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "healthz": 8080,
+        "http-metrics": 9090,
+    }
+    (monitor,) = by_kind["PodMonitor"]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http-metrics"
+    (role,) = by_kind["ClusterRole"]
+    verbs = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                verbs.setdefault((group, resource), set()).update(rule["verbs"])
+    for plural in (
+        "postgresservers",
+        "postgresdatabases",
+        "rabbitservers",
+        "rabbitvhosts",
+        "rabbittopologies",
+    ):
+        assert {"get", "list", "watch", "patch"} <= verbs[("emporium.dev", plural)]
+        assert "patch" in verbs[("emporium.dev", f"{plural}/status")]
+    assert "create" in verbs[("", "events")]
+    assert {"create", "get", "watch"} <= verbs[("", "secrets")]
+    assert all("*" not in rule["verbs"] and "*" not in rule["resources"] for rule in role["rules"])
+    (binding,) = by_kind["ClusterRoleBinding"]
+    assert binding["subjects"][0]["namespace"] == "emporium-system"
+
+
+def test_dashboards_are_sidecar_configmaps(render) -> None:
+    maps = [o for o in render("emporium") if o["kind"] == "ConfigMap"]
+    assert len(maps) == 3
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((_name, body),) = cm["data"].items()
+        dashboard = json.loads(body)
+        assert dashboard["uid"].startswith("emporium-") and dashboard["panels"]
+        assert len(body) < 256 * 1024  # client-side apply's annotation limit
+
+
+def test_prometheus_rule_is_the_promtool_file(render) -> None:
+    (rule,) = [o for o in render("emporium") if o["kind"] == "PrometheusRule"]
+    source = yaml.safe_load((CHARTS / "emporium" / "rules" / "emporium-alerts.yaml").read_text())
+    assert rule["spec"] == source
+
+
+def test_add_on_manifests_validate(kubeconform: str, schema_locations, tmp_path) -> None:
+    """k8s/ manifests applied by kind-up.sh (namespaces, Postgres, RabbitMQ, mail catcher, the servers)."""
+    k8s = CHARTS.parent / "k8s"
+    files = [k8s / "namespaces.yaml", *sorted((k8s / "dev").glob("*.yaml"))]
+    cmd = [kubeconform, "-strict", "-summary"]
+    for location in schema_locations:
+        cmd += ["-schema-location", location]
+    out = run([*cmd, *map(str, files)]).stdout
+    assert "Invalid: 0, Errors: 0, Skipped: 0" in out
+    servers = parse((k8s / "dev" / "servers.yaml").read_text())
+    assert {(o["kind"], o["metadata"]["name"]) for o in servers} >= {
+        ("PostgresServer", "postgres"),
+        ("RabbitServer", "rabbit"),
+    }
+
+
+def test_kind_config_maps_gateway_nodeport_to_8080() -> None:
+    root = CHARTS.parent
+    kind = yaml.safe_load((root / "kind-config.yaml").read_text())
+    mappings = {
+        m["containerPort"]: m["hostPort"] for node in kind["nodes"] for m in node.get("extraPortMappings", [])
+    }
+    gateway = yaml.safe_load((root / "k8s" / "istio" / "gateway-values.yaml").read_text())
+    node_ports = {p["name"]: p.get("nodePort") for p in gateway["service"]["ports"]}
+    assert gateway["service"]["type"] == "NodePort"
+    assert mappings[node_ports["http2"]] == 8080
+    assert gateway["labels"] == {"istio": "ingressgateway"}
