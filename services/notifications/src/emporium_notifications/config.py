@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from emporium_common import Settings
+from pydantic import Field
+
+
+class NotificationsSettings(Settings):
+    service_name: str = "notifications"
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=1025, ge=1, le=65535)
+    smtp_from: str = "Emporium <noreply@emporium.local>"
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Events: the queue from charts/notifications/files/rabbit-topology.yaml; attempts before dead-lettering.
+    events_queue: str = "notifications.events"
+    event_max_attempts: int = Field(default=5, ge=1, le=50)
+    event_retry_base_seconds: float = Field(default=0.5, gt=0, le=60)
+    # Email: attempts (with exponential backoff from mail_retry_base_seconds) before a notification is failed.
+    mail_max_attempts: int = Field(default=5, ge=1, le=50)
+    mail_retry_base_seconds: float = Field(default=2.0, gt=0, le=3600)
+    # Background work (consumer, mailer, websocket fan-out listener) runs in the API process.
+    background_workers: bool = True

@@ -1,0 +1,127 @@
+"""Sending stored notifications over SMTP, with retries and backoff; failures are kept, never dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+
+import aiosmtplib
+import sqlalchemy as sa
+from prometheus_client import Counter, Gauge
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .config import NotificationsSettings
+from .models import Notification
+
+log = logging.getLogger("emporium.notifications.mailer")
+
+EMAILS = Counter("emporium_notifications_emails_total", "Email send attempts by outcome", ["outcome"])
+PENDING = Gauge("emporium_notifications_pending", "Notifications waiting to be (re)sent")
+
+_T = Notification.__table__  # type: ignore[attr-defined]
+
+
+def build_message(settings: NotificationsSettings, row: sa.Row) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = settings.smtp_from
+    message["To"] = row.recipient_email
+    message["Subject"] = row.subject
+    message.set_content(row.text_body)
+    message.add_alternative(row.body, subtype="html")
+    return message
+
+
+class Mailer:
+    def __init__(self, engine: AsyncEngine, settings: NotificationsSettings, *, batch_size: int = 20) -> None:
+        self.engine, self.settings, self.batch_size = engine, settings, batch_size
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def send(self, message: EmailMessage) -> None:
+        s = self.settings
+        await aiosmtplib.send(
+            message,
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            username=s.smtp_username,
+            password=s.smtp_password,
+            start_tls=s.smtp_starttls,
+            timeout=s.smtp_timeout_seconds,
+        )
+
+    def _retry_delay(self, attempts: int) -> timedelta:
+        return timedelta(
+            seconds=min(3600.0, self.settings.mail_retry_base_seconds * 2 ** max(0, attempts - 1))
+        )
+
+    async def deliver_due(self, only_id: int | None = None) -> int:
+        """Send due pending notifications (rows locked with SKIP LOCKED: replicas never double-send)."""
+        done = 0
+        async with self.engine.begin() as conn:
+            query = (
+                sa.select(_T)
+                .where(_T.c.status == "pending")
+                .order_by(_T.c.id)
+                .with_for_update(skip_locked=True)
+            )
+            if only_id is not None:
+                query = query.where(_T.c.id == only_id)
+            else:
+                query = query.where(
+                    sa.or_(_T.c.next_attempt_at.is_(None), _T.c.next_attempt_at <= sa.func.now())
+                ).limit(self.batch_size)
+            rows = (await conn.execute(query)).all()
+            for row in rows:
+                attempts = row.attempts + 1
+                try:
+                    await self.send(build_message(self.settings, row))
+                except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+                    final = attempts >= self.settings.mail_max_attempts or isinstance(exc, ValueError)
+                    EMAILS.labels("failed" if final else "retry").inc()
+                    log.warning("email %s failed (attempt %d): %r", row.id, attempts, exc)
+                    await conn.execute(
+                        sa.update(_T)
+                        .where(_T.c.id == row.id)
+                        .values(
+                            attempts=attempts,
+                            status="failed" if final else "pending",
+                            error_message=repr(exc)[:1000],
+                            next_attempt_at=datetime.now(UTC) + self._retry_delay(attempts),
+                        )
+                    )
+                    continue
+                EMAILS.labels("sent").inc()
+                done += 1
+                await conn.execute(
+                    sa.update(_T)
+                    .where(_T.c.id == row.id)
+                    .values(attempts=attempts, status="sent", error_message=None, sent_at=sa.func.now())
+                )
+        return done
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.deliver_due()
+                async with self.engine.connect() as conn:
+                    PENDING.set(
+                        (
+                            await conn.execute(sa.select(sa.func.count()).where(_T.c.status == "pending"))
+                        ).scalar()
+                        or 0
+                    )
+            except Exception as exc:
+                log.warning("mailer loop failed: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            self._wake.clear()

@@ -1,0 +1,148 @@
+"""Notifications API (the caller's own; admins see all) and the websocket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Annotated, Literal
+
+import sqlalchemy as sa
+from emporium_common import AppError, CurrentPrincipal, ErrorResponse, SessionDep, require_role
+from emporium_common.auth import InvalidToken
+from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket, WebSocketDisconnect
+from sqlmodel import col, select
+
+from .models import Notification, NotificationDetail, NotificationList
+
+router = APIRouter(
+    prefix="/notifications",
+    tags=["notifications"],
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+)
+MAX_INT = 2**31 - 1
+NotificationId = Annotated[int, Path(ge=1, le=MAX_INT)]
+
+
+@router.get("", response_model=NotificationList, responses={403: {"model": ErrorResponse}})
+async def list_notifications(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    recipient: Annotated[
+        str | None, Query(max_length=255, pattern=r"^[^\x00]*$", description="Admins only")
+    ] = None,
+    status: Literal["pending", "sent", "failed"] | None = None,
+    order_id: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> NotificationList:
+    conditions = []
+    if principal.has_role("admin"):
+        if recipient:
+            conditions.append(col(Notification.recipient_email) == recipient.strip().lower())
+    else:
+        if recipient:
+            raise AppError(403, "Only admins may filter by recipient", "forbidden")
+        conditions.append(col(Notification.user_id) == principal.sub)
+    if status:
+        conditions.append(col(Notification.status) == status)
+    if order_id:
+        conditions.append(col(Notification.order_id) == order_id)
+    total = (await session.exec(select(sa.func.count()).select_from(Notification).where(*conditions))).one()
+    rows = await session.exec(
+        select(Notification)
+        .where(*conditions)
+        .order_by(col(Notification.id).desc())
+        .offset((page - 1) * page_size)
+        .limit(page_size)
+    )
+    return NotificationList.model_validate({"notifications": list(rows.all()), "total": total})
+
+
+async def _get(session, principal, notification_id: int) -> Notification:
+    notification = await session.get(Notification, notification_id)
+    if notification is None or (not principal.has_role("admin") and notification.user_id != principal.sub):
+        raise AppError(404, "Notification not found")
+    return notification
+
+
+@router.get("/{notification_id}", response_model=NotificationDetail)
+async def get_notification(
+    notification_id: NotificationId, principal: CurrentPrincipal, session: SessionDep
+) -> Notification:
+    return await _get(session, principal, notification_id)
+
+
+@router.post(
+    "/retry/{notification_id}",
+    response_model=NotificationDetail,
+    dependencies=[Depends(require_role("admin"))],
+    responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+)
+async def retry_notification(
+    notification_id: NotificationId, principal: CurrentPrincipal, session: SessionDep, request: Request
+) -> Notification:
+    """Send a failed notification again (its stored body, to its stored recipient); returns the new status."""
+    notification = await _get(session, principal, notification_id)
+    if notification.status != "failed":
+        raise AppError(400, "Only failed notifications can be retried")
+    if not notification.recipient_email:
+        raise AppError(400, "Notification has no recipient address")
+    notification.status, notification.attempts, notification.next_attempt_at = "pending", 0, None
+    session.add(notification)
+    await session.commit()
+    await request.app.state.mailer.deliver_due(only_id=notification_id)
+    await session.refresh(notification)
+    return notification
+
+
+ws_router = APIRouter()
+
+
+def _token_from(websocket: WebSocket) -> str | None:
+    token = websocket.query_params.get("token")
+    if token:
+        return token
+    authorization = websocket.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    # Browsers cannot set headers: "Sec-WebSocket-Protocol: bearer, <token>" works too.
+    protocols = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
+    if len(protocols) == 2 and protocols[0].lower() == "bearer":
+        return protocols[1]
+    return None
+
+
+async def notifications_socket(websocket: WebSocket) -> None:
+    """Authenticated with the same JWT (``?token=``, ``Authorization: Bearer`` or the ``bearer``
+    subprotocol); delivers only the caller's own events. Messages as in the older API."""
+    token = _token_from(websocket)
+    verifier = websocket.app.state.token_verifier
+    try:
+        if not token or verifier is None:
+            raise InvalidToken("no token")
+        principal = await verifier.verify(token)
+    except InvalidToken:
+        await websocket.close(code=1008, reason="Not authenticated")
+        return
+    subprotocol = (
+        "bearer" if "bearer" in websocket.headers.get("sec-websocket-protocol", "").lower() else None
+    )
+    await websocket.accept(subprotocol=subprotocol)
+    hub = websocket.app.state.hub
+    hub.add(principal.sub, websocket)
+    try:
+        await websocket.send_json({"type": "connected", "message": "Connected to notifications"})
+        while True:
+            raw = await websocket.receive_text()
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if json.loads(raw).get("type") == "ping":
+                    await websocket.send_json({"type": "pong"})
+    except (WebSocketDisconnect, RuntimeError, asyncio.CancelledError):
+        pass
+    finally:
+        hub.remove(principal.sub, websocket)
+
+
+ws_router.add_api_websocket_route("/ws/notifications", notifications_socket)
+ws_router.add_api_websocket_route("/ws", notifications_socket)
