@@ -1,0 +1,128 @@
+"""CEL rejections, InvalidSpec, conflicts and a server that goes away and comes back."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+PG_DB = "PostgresDatabase"
+
+
+def rejected(fn) -> str:
+    with pytest.raises(ApiException) as info:
+        fn()
+    assert info.value.status == 422, info.value.body
+    return info.value.body
+
+
+async def test_cel_rejects_invalid_values_and_immutable_changes(kube, env):
+    ns = env["ns"]
+    body = rejected(
+        lambda: kube.create(ns, PG_DB, "bad", {"serverRef": {"name": "pg"}, "databaseName": "postgres"})
+    )
+    assert "must not be postgres" in body
+    body = rejected(
+        lambda: kube.create(ns, PG_DB, "bad", {"serverRef": {"name": "pg"}, "reclaimPolicy": "Maybe"})
+    )
+    assert "reclaimPolicy" in body
+    rejected(
+        lambda: kube.create(
+            ns, PG_DB, "bad", {"serverRef": {"name": "pg"}, "passwordRotation": {"interval": "soon"}}
+        )
+    )
+    body = rejected(
+        lambda: kube.create(
+            ns,
+            "RabbitTopology",
+            "bad",
+            {
+                "serverRef": {"name": "rabbit"},
+                "vhost": "v",
+                "queues": [{"name": "q", "type": "quorum", "durable": False}],
+            },
+        )
+    )
+    assert "quorum queues must be durable" in body
+    rejected(
+        lambda: kube.create(
+            ns,
+            "RabbitTopology",
+            "bad",
+            {"serverRef": {"name": "rabbit"}, "vhost": "v", "queues": [{"name": "amq.q"}]},
+        )
+    )
+
+    kube.create(ns, PG_DB, "immut", {"serverRef": {"name": "pg"}, "databaseName": "immut_db"})
+    body = rejected(lambda: kube.patch_spec(ns, PG_DB, "immut", {"databaseName": "other"}))
+    assert "databaseName is immutable" in body
+    assert "serverRef is immutable" in rejected(
+        lambda: kube.patch_spec(ns, PG_DB, "immut", {"serverRef": {"name": "x"}})
+    )
+    await kube.wait_ready(ns, PG_DB, "immut")
+    kube.create(ns, "RabbitTopology", "immut", {"serverRef": {"name": "rabbit"}, "vhost": "v1"})
+    assert "vhost is immutable" in rejected(
+        lambda: kube.patch_spec(ns, "RabbitTopology", "immut", {"vhost": "v2"})
+    )
+    explain = kube.kubectl("explain", "postgresdatabases.spec.reclaimPolicy").stdout
+    assert "Retain" in explain
+    kube.delete(ns, "RabbitTopology", "immut")
+    await kube.wait_gone(ns, "RabbitTopology", "immut")
+
+
+async def test_invalid_spec_that_cel_cannot_catch(kube, env):
+    ns = env["ns"]
+    kube.create(ns, PG_DB, "noext", {"serverRef": {"name": "pg"}, "extensions": ["no_such_extension"]})
+    obj = await kube.wait_reason(ns, PG_DB, "noext", "InvalidSpec")
+    assert "no_such_extension" in kube.condition(obj)["message"]
+    # Fixing the spec recovers.
+    kube.patch_spec(ns, PG_DB, "noext", {"extensions": ["hstore"]})
+    await kube.wait_ready(ns, PG_DB, "noext")
+
+
+async def test_conflicting_databases(kube, env):
+    ns = env["ns"]
+    kube.create(ns, PG_DB, "first", {"serverRef": {"name": "pg"}, "databaseName": "shared_db"})
+    await kube.wait_ready(ns, PG_DB, "first")
+    kube.create(
+        ns,
+        PG_DB,
+        "second",
+        {
+            "serverRef": {"name": "pg"},
+            "databaseName": "shared_db",
+            "owner": "other_owner",
+            "reclaimPolicy": "Delete",
+        },
+    )
+    obj = await kube.wait_reason(ns, PG_DB, "second", "Conflict")
+    assert "first" in kube.condition(obj)["message"]
+    assert kube.condition(obj, "Conflict")["status"] == "True"
+    assert kube.secret(ns, "second-db") is None
+    kube.delete(ns, PG_DB, "second")  # reclaimPolicy Delete, but it owns nothing: the database stays
+    await kube.wait_gone(ns, PG_DB, "second")
+    await kube.wait_ready(ns, PG_DB, "first")
+    assert kube.secret(ns, "first-db")
+
+
+async def test_server_unreachable_then_back(kube, env, postgres):
+    ns = env["ns"]
+    postgres.stop()
+    try:
+        kube.create(ns, PG_DB, "patient", {"serverRef": {"name": "pg"}})
+        obj = await kube.wait_reason(ns, PG_DB, "patient", "ServerUnreachable", within=30)
+        assert "cannot connect" in kube.condition(obj)["message"]
+        await kube.wait_reason(ns, "PostgresServer", "pg", "ServerUnreachable", within=30)
+        kube.create(ns, PG_DB, "orphan", {"serverRef": {"name": "missing"}})
+        await kube.wait_reason(ns, PG_DB, "orphan", "ServerNotFound")
+    finally:
+        postgres.start()
+    await kube.wait_ready(ns, PG_DB, "patient", within=40)
+    await kube.wait_ready(ns, "PostgresServer", "pg", within=40)
+    events = kube.core.list_namespaced_event(ns, field_selector="involvedObject.name=patient").items
+    assert any(e.reason == "ServerUnreachable" and e.type == "Warning" for e in events)
+    # A server that is gone does not leave finalizers stuck.
+    kube.create(ns, PG_DB, "stranded", {"serverRef": {"name": "temp"}, "reclaimPolicy": "Delete"})
+    kube.delete(ns, PG_DB, "orphan")
+    await kube.wait_gone(ns, PG_DB, "orphan")
+    kube.delete(ns, PG_DB, "stranded")
+    await kube.wait_gone(ns, PG_DB, "stranded")
