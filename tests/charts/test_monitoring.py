@@ -1,0 +1,189 @@
+"""Monitoring: the alert rules pass promtool (check + unit tests), and every metric the dashboards and
+the alerts query is one the running services and operator really export on /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from emporium_testbed.process import free_port
+
+from .conftest import CHARTS, SERVICES, run
+
+RULES = CHARTS / "emporium" / "rules" / "emporium-alerts.yaml"
+DASHBOARDS = sorted((CHARTS / "emporium" / "dashboards").glob("*.json"))
+PROMTOOL_TESTS = Path(__file__).parent / "promtool" / "emporium-alerts.test.yaml"
+METRIC = re.compile(r"\b(emporium_[a-z0-9_]+)")
+
+
+def promtool() -> str:
+    return "promtool"
+
+
+def test_promtool_check_rules() -> None:
+    out = run([promtool(), "check", "rules", str(RULES)]).stdout
+    assert "SUCCESS" in out
+
+
+def test_promtool_check_rendered_prometheus_rule(render, tmp_path: Path) -> None:
+    """The PrometheusRule the chart renders is a valid rule file too (templating did not alter it)."""
+    (rule,) = [o for o in render("emporium") if o["kind"] == "PrometheusRule"]
+    path = tmp_path / "rendered-rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    assert "SUCCESS" in run([promtool(), "check", "rules", str(path)]).stdout
+
+
+def test_promtool_test_rules() -> None:
+    out = run([promtool(), "test", "rules", str(PROMTOOL_TESTS)]).stdout
+    assert "SUCCESS" in out
+
+
+def test_every_alert_has_a_promtool_case() -> None:
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(PROMTOOL_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+    }
+    assert alerts - tested <= {"EmporiumOperatorSlowReconcile"}  # histogram quantile: covered by latency
+    assert tested <= alerts
+
+
+def _exprs(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "query", "definition") and isinstance(value, str):
+                yield value
+            else:
+                yield from _exprs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _exprs(value)
+
+
+def queried_metrics() -> dict[str, set[str]]:
+    """Source file -> the emporium_* metric names its queries use."""
+    found = {}
+    for path in DASHBOARDS:
+        found[path.name] = {m for e in _exprs(json.loads(path.read_text())) for m in METRIC.findall(e)}
+    found[RULES.name] = {m for e in _exprs(yaml.safe_load(RULES.read_text())) for m in METRIC.findall(e)}
+    return found
+
+
+def exported_names(exposition: str) -> set[str]:
+    """Every sample name a /metrics page can carry (a metric with no samples yet still has its TYPE)."""
+    names = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(maxsplit=3)
+            if kind == "histogram":
+                names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+            elif kind == "summary":
+                names |= {name, f"{name}_sum", f"{name}_count"}
+            else:
+                names.add(name)
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def _get(url: str, timeout: float = 2) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            return _get(url)
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def live_metrics(postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """/metrics of each service (`python -m emporium_<svc> serve`) and of the operator's metrics
+    endpoint, started as processes the way the containers start them."""
+    base = tmp_path_factory.mktemp("live-metrics")
+    procs: list[subprocess.Popen] = []
+    pages: dict[str, str] = {}
+    try:
+        started = {}
+        for svc in SERVICES:
+            port = free_port()
+            dbname = f"metrics_{svc}"
+            postgres.create_database(dbname)
+            env = {
+                **os.environ,
+                "PORT": str(port),
+                "ENVIRONMENT": "local",
+                "LOG_LEVEL": "WARNING",
+                "DATABASE_URL": postgres.dsn(dbname),
+                "JWT_KEYS_DIR": str(base / "jwt-keys"),
+                "INTERNAL_TOKEN": "metrics-test-internal-token",
+                "SMTP_HOST": "127.0.0.1",
+                "SMTP_PORT": str(free_port()),
+            }
+            env.pop("AMQP_URL", None)
+            log = base / f"{svc}.log"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"emporium_{svc}", "serve"],
+                env=env,
+                cwd=base,
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+            )
+            procs.append(proc)
+            started[svc] = (port, proc, log)
+        port = free_port()
+        log = base / "operator.log"
+        operator = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time\nfrom emporium_operator import metrics\nmetrics.serve()\ntime.sleep(3600)",
+            ],
+            env={**os.environ, "METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"},
+            cwd=base,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(operator)
+        started["operator"] = (port, operator, log)
+        for name, (port, proc, log) in started.items():
+            if name != "operator":  # one real request, so the request metrics carry samples
+                _wait_for(f"http://127.0.0.1:{port}/healthz", proc, log)
+            pages[name] = _wait_for(f"http://127.0.0.1:{port}/metrics", proc, log)
+        yield pages
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_queried_metrics_are_exported(live_metrics: dict[str, str]) -> None:
+    exported = set().union(*(exported_names(page) for page in live_metrics.values()))
+    assert "emporium_http_requests_total" in exported_names(live_metrics["products"])
+    assert "emporium_operator_reconcile_total" in exported_names(live_metrics["operator"])
+    queried = queried_metrics()
+    assert all(queried.values())
+    for source, names in queried.items():
+        missing = sorted(names - exported)
+        assert not missing, f"{source} queries metrics no running component exports: {missing}"
