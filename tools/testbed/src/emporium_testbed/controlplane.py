@@ -39,12 +39,14 @@ class ControlPlane:
     apiserver_port: int = field(default_factory=free_port)
     controller_manager_port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
+    kubeconfig: Path | None = None  # default: base_dir/kubeconfig
+    log_dir: Path | None = None  # default: base_dir/logs
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir)
         self.pki = LocalPKI(self.base_dir / "pki")
-        self.kubeconfig = self.base_dir / "kubeconfig"
-        self.logs = self.base_dir / "logs"
+        self.kubeconfig = Path(self.kubeconfig or self.base_dir / "kubeconfig")
+        self.logs = Path(self.log_dir or self.base_dir / "logs")
         self.etcd: ManagedProcess | None = None
         self.apiserver: ManagedProcess | None = None
         self.controller_manager: ManagedProcess | None = None

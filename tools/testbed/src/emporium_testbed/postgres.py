@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .process import ManagedProcess, as_user, chown_to, free_port, is_root
+from .process import ManagedProcess, StartupError, as_user, chown_to, free_port, is_root
 
 PG_USER = "postgres"  # the OS user Postgres runs as when we are root
 
@@ -33,12 +33,13 @@ class PostgresServer:
     superuser: str = "postgres"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     host: str = "127.0.0.1"
+    log_dir: Path | None = None  # default: base_dir
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir)
         self.data_dir = self.base_dir / "data"
         self.socket_dir = self.base_dir / "run"
-        self.log_path = self.base_dir / "postgres.log"
+        self.log_path = Path(self.log_dir or self.base_dir) / "postgres.log"
         self.process = ManagedProcess(
             "postgres",
             as_user(
@@ -87,7 +88,7 @@ class PostgresServer:
         pwfile.write_text(self.password + "\n")
         if is_root():
             chown_to(self.base_dir, PG_USER)
-        subprocess.run(
+        initdb = subprocess.run(
             as_user(
                 PG_USER,
                 [
@@ -103,9 +104,13 @@ class PostgresServer:
                     "--locale=C.UTF-8",
                 ],
             ),
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if initdb.returncode != 0:
+            raise StartupError(
+                f"initdb failed in {self.data_dir}: {initdb.stderr.strip() or initdb.stdout.strip()}"
+            )
         pwfile.unlink()
 
     def start(self, timeout: float = 60) -> PostgresServer:

@@ -47,10 +47,12 @@ class RabbitMQServer:
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     node_name: str = field(default_factory=lambda: f"emporium-{secrets.token_hex(4)}@localhost")
     host: str = "127.0.0.1"
+    log_dir: Path | None = None  # default: base_dir
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir)
-        self.log_path = self.base_dir / "rabbitmq.log"
+        log_dir = Path(self.log_dir or self.base_dir)
+        self.log_path = log_dir / "rabbitmq.log"
         env = {
             "HOME": str(self.base_dir),
             "RABBITMQ_NODENAME": self.node_name,
@@ -76,7 +78,7 @@ class RabbitMQServer:
         self.epmd = ManagedProcess(
             "epmd",
             as_user(RABBIT_USER, ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"]),
-            self.base_dir / "epmd.log",
+            log_dir / "epmd.log",
             env=env,
             pid_path=self.base_dir / "epmd.managed.pid",
         )
