@@ -128,3 +128,33 @@ class _AnyKeys(dict):
 
     def __iter__(self):
         return iter(())
+
+
+def test_ports_are_remapped_and_binds_stay_on_loopback(tmp_path):
+    operator = {
+        "metadata": {"name": "op", "namespace": "system"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "operator",
+                            "args": ["kopf", "run", "--liveness=http://0.0.0.0:8080/healthz"],
+                            "ports": [
+                                {"name": "healthz", "containerPort": 8080},
+                                {"name": "http-metrics", "containerPort": 9090},
+                            ],
+                            "env": [
+                                {"name": "METRICS_PORT", "value": "9090"},
+                                {"name": "RETRIES", "value": "3"},
+                            ],
+                        }
+                    ]
+                }
+            }
+        },
+    }
+    local = container_process(operator, read, {}, tmp_path, port_map={8080: 31001, 9090: 31002})
+    assert local.argv[-1] == "--liveness=http://127.0.0.1:31001/healthz"
+    assert local.env == {"METRICS_PORT": "31002", "RETRIES": "3"}
+    assert local.ports == {"healthz": 31001, "http-metrics": 31002}

@@ -33,7 +33,8 @@ class LocalContainer:
     argv: list[str]
     env: dict[str, str]
     files: dict[Path, bytes] = field(default_factory=dict)  # Secret/ConfigMap volume contents to write
-    port: int | None = None  # the containerPort named "http" (or the first one)
+    port: int | None = None  # the local port of the containerPort named "http" (or the first one)
+    ports: dict[str, int] = field(default_factory=dict)  # container port name -> local port
 
 
 # A reader returns the decoded data of a Secret or ConfigMap: read(kind, namespace, name) -> {key: bytes}.
@@ -59,12 +60,17 @@ def container_process(
     service_addresses: Mapping[tuple[str, str], tuple[str, int]],
     volume_root: Path,
     container_name: str | None = None,
+    port_map: Mapping[int, int] | None = None,
 ) -> LocalContainer:
-    """Translate one container of a rendered Deployment (a dict) into a LocalContainer.
+    """Translate one container of a rendered Deployment or Job (a dict) into a LocalContainer.
 
     ``service_addresses`` maps (namespace, service name) to the (host, port) of the local process that
     replaces its pods; ``volume_root`` is where Secret and ConfigMap volumes are materialised.
+    ``port_map`` gives container ports their local ports: pods have a network namespace each, local
+    processes share one. Env values equal to a mapped port and ``0.0.0.0:PORT`` binds in args are
+    rewritten (binds go to 127.0.0.1: the local platform serves loopback only).
     """
+    port_map = dict(port_map or {})
     namespace = deployment["metadata"].get("namespace", "default")
     pod = deployment["spec"]["template"]["spec"]
     containers = pod["containers"]
@@ -99,22 +105,38 @@ def container_process(
                 continue
         else:
             value = ""
-        env[var["name"]] = _localise(value, namespace, service_addresses, mounts)
+        value = _localise(value, namespace, service_addresses, mounts)
+        if value.isdigit() and int(value) in port_map:
+            value = str(port_map[int(value)])
+        env[var["name"]] = value
 
-    argv = [*container.get("command", []), *container.get("args", [])]
+    argv = [_rebind(a, port_map) for a in [*container.get("command", []), *container.get("args", [])]]
     if not argv:
         raise WorkloadError(
             f"{deployment['metadata']['name']}: container {container['name']} has no command or args"
         )
     ports = container.get("ports", [])
     http = next((p for p in ports if p.get("name") == "http"), ports[0] if ports else None)
+    local_port = {
+        p.get("name", str(p["containerPort"])): port_map.get(p["containerPort"], p["containerPort"])
+        for p in ports
+    }
     return LocalContainer(
         name=deployment["metadata"]["name"],
         argv=[_localise(a, namespace, service_addresses, mounts) for a in argv],
         env=env,
         files=files,
-        port=http["containerPort"] if http else None,
+        port=port_map.get(http["containerPort"], http["containerPort"]) if http else None,
+        ports=local_port,
     )
+
+
+def _rebind(arg: str, port_map: Mapping[int, int]) -> str:
+    def replace(match: re.Match) -> str:
+        port = int(match["port"])
+        return f"127.0.0.1:{port_map.get(port, port)}"
+
+    return re.sub(r"(?:0\.0\.0\.0|\[::\]|127\.0\.0\.1|localhost):(?P<port>\d+)", replace, arg)
 
 
 def _read(read: ObjectReader, kind: str, namespace: str, name: str, optional: bool) -> Mapping[str, bytes]:
