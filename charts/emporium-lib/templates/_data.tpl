@@ -38,6 +38,9 @@ secret) completed with the server, vhost and Secret name of this release.
 {{- $_ := set $spec "vhost" (include "emporium-lib.rabbitVhost" .) -}}
 {{- $_ := set $spec "secretName" (include "emporium-lib.amqpSecretName" .) -}}
 {{- $_ := set $spec "reclaimPolicy" ($topology.reclaimPolicy | default .Values.rabbitmq.reclaimPolicy) -}}
+{{- if .Values.rabbitmq.user -}}
+{{- $_ := set $spec "user" (merge (dict "name" .Values.rabbitmq.user) ($spec.user | default dict)) -}}
+{{- end -}}
 apiVersion: emporium.dev/v1alpha1
 kind: RabbitTopology
 metadata:

@@ -130,6 +130,11 @@ def _module_dir(module: str) -> Path:
     return Path(json.loads(result.stdout)["Dir"])
 
 
+def third_party_crd_files() -> list[Path]:
+    """The CRD files of Istio and prometheus-operator (Go module cache; downloaded on first use)."""
+    return [_module_dir(module) / f for module, files in MODULES.items() for f in files]
+
+
 def third_party() -> Path:
     """The cached schemas of Istio's and prometheus-operator's CRDs (built on first use)."""
     target = cache_root() / CACHE_KEY
