@@ -194,6 +194,14 @@ def delivery_attempt(message: AbstractIncomingMessage) -> int:
 Handler = Callable[[Envelope], Awaitable[None]]
 
 
+def _resolver(future: asyncio.Future[None]) -> Callable[..., None]:
+    def resolve(*_: Any) -> None:
+        if not future.done():
+            future.set_result(None)
+
+    return resolve
+
+
 class EventConsumer:
     """Consume one queue with retries, backoff and dead-lettering; reconnects after broker outages."""
 
@@ -293,11 +301,16 @@ class EventConsumer:
                 failures = 0
                 self.connected.set()
                 log.info("consuming %s", self.queue_name)
+                # A connection the broker drops only fires close callbacks (closed() waits for close()).
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                connection.close_callbacks.add(_resolver(lost))
+                channel.close_callbacks.add(_resolver(lost))
                 stop_task = asyncio.ensure_future(self._stop.wait())
-                closed_task = asyncio.ensure_future(connection.closed())
-                await asyncio.wait({stop_task, closed_task}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({stop_task, lost}, return_when=asyncio.FIRST_COMPLETED)
                 stop_task.cancel()
-                closed_task.cancel()
+                if lost.done():
+                    failures += 1
+                    log.warning("consumer lost the broker connection, reconnecting")
             except Exception as exc:
                 failures += 1
                 log.warning("consumer lost the broker (%r)", exc)
