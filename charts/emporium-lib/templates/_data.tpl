@@ -130,7 +130,7 @@ spec:
         - name: migrate
           image: {{ include "emporium-lib.image" . | quote }}
           imagePullPolicy: {{ .Values.image.pullPolicy }}
-          args: ["python", "-m", {{ .Values.module | quote }}, "migrate"]
+          command: ["python", "-m", {{ .Values.module | quote }}, "migrate"]
           env:
             {{- include "emporium-lib.env" . | nindent 12 }}
           resources:

@@ -52,7 +52,8 @@ spec:
         - name: {{ include "emporium-lib.name" . }}
           image: {{ include "emporium-lib.image" . | quote }}
           imagePullPolicy: {{ .Values.image.pullPolicy }}
-          args: ["python", "-m", {{ .Values.module | quote }}, "serve"]
+          # command (not args): independent of the image's ENTRYPOINT
+          command: ["python", "-m", {{ .Values.module | quote }}, "serve"]
           ports:
             - name: http
               containerPort: {{ .Values.containerPort }}
