@@ -1,0 +1,134 @@
+"""Envelope, publishing with confirms, and the consumer's retry/backoff/dead-letter semantics on RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+
+import aio_pika
+import pytest
+from emporium_common.events import (
+    EventConsumer,
+    InvalidEventError,
+    PermanentEventError,
+    backoff_delay,
+    build_envelope,
+    parse_envelope,
+    publish,
+)
+
+
+def test_envelope_round_trip_and_contract_fields():
+    envelope = build_envelope("order.created", {"total_amount": "10.00"}, correlation_id="req-1")
+    raw = json.loads(envelope.to_json())
+    assert set(raw) == {"id", "type", "version", "occurred_at", "correlation_id", "traceparent", "data"}
+    assert raw["version"] == 1 and raw["correlation_id"] == "req-1"
+    assert parse_envelope(envelope.to_json()) == envelope
+
+
+@pytest.mark.parametrize("body", [b"", b"\xff", b"[]", b'{"type": ""}', b'{"id": "x", "type": "a"}'])
+def test_parse_rejects_non_envelopes(body):
+    with pytest.raises(InvalidEventError):
+        parse_envelope(body)
+
+
+def test_backoff_grows_and_is_capped():
+    assert 0.25 <= backoff_delay(1, 0.5, 30) <= 0.5
+    assert 2.0 <= backoff_delay(4, 0.5, 30) <= 4.0
+    assert backoff_delay(50, 0.5, 30) <= 30
+
+
+@pytest.fixture
+async def queue_with_dlq(rabbitmq):
+    """An exchange and a quorum queue with a dead-letter queue, declared by the admin (like the operator)."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(rabbitmq.amqp_url)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(f"{name}.dlx", aio_pika.ExchangeType.TOPIC, durable=True)
+    dlq = await channel.declare_queue(f"{name}.dlq", durable=True)
+    await dlq.bind(dlx, "#")
+    queue = await channel.declare_queue(
+        f"{name}.events",
+        durable=True,
+        arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": f"{name}.dlx"},
+    )
+    await queue.bind(exchange, "#")
+    yield name, channel, dlq
+    await queue.delete(if_unused=False, if_empty=False)
+    await dlq.delete(if_unused=False, if_empty=False)
+    await exchange.delete()
+    await dlx.delete()
+    await connection.close()
+
+
+async def _publish(rabbitmq, exchange_name: str, envelope) -> None:
+    connection = await aio_pika.connect(rabbitmq.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await publish(await channel.get_exchange(exchange_name, ensure=False), envelope)
+
+
+async def _dlq_count(dlq, expected: int, timeout: float = 20.0) -> int:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        declared = await dlq.channel.declare_queue(dlq.name, passive=True)
+        count = declared.declaration_result.message_count
+        if count >= expected or asyncio.get_running_loop().time() > deadline:
+            return count
+        await asyncio.sleep(0.2)
+
+
+async def test_consumer_retries_with_backoff_then_dead_letters(rabbitmq, queue_with_dlq):
+    name, _, dlq = queue_with_dlq
+    attempts: list[float] = []
+
+    async def always_fails(envelope):
+        attempts.append(asyncio.get_running_loop().time())
+        raise RuntimeError("database down")
+
+    consumer = EventConsumer(
+        rabbitmq.amqp_url, f"{name}.events", always_fails, max_attempts=4, backoff_base=0.1
+    )
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(consumer.connected.wait(), 10)
+        await _publish(rabbitmq, name, build_envelope("thing.happened", {}))
+        assert await _dlq_count(dlq, 1) == 1
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+    assert len(attempts) == 4
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert all(gap >= 0.04 for gap in gaps)  # waited (jittered backoff) before each retry
+
+
+async def test_consumer_recovers_after_a_transient_failure_and_dead_letters_permanent_ones(
+    rabbitmq, queue_with_dlq
+):
+    name, _, dlq = queue_with_dlq
+    seen: dict[str, int] = {}
+    handled = asyncio.Event()
+
+    async def handler(envelope):
+        seen[envelope.type] = seen.get(envelope.type, 0) + 1
+        if envelope.type == "bad.event":
+            raise PermanentEventError("never processable")
+        if seen[envelope.type] == 1:
+            raise RuntimeError("transient")
+        handled.set()
+
+    consumer = EventConsumer(rabbitmq.amqp_url, f"{name}.events", handler, max_attempts=5, backoff_base=0.05)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(consumer.connected.wait(), 10)
+        await _publish(rabbitmq, name, build_envelope("bad.event", {}))
+        await _publish(rabbitmq, name, build_envelope("good.event", {}))
+        await asyncio.wait_for(handled.wait(), 20)
+        assert await _dlq_count(dlq, 1) == 1
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+    assert seen == {"bad.event": 1, "good.event": 2}
