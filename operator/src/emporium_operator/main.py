@@ -220,16 +220,39 @@ async def _write_secret(body: kopf.Body, name: str, data: dict[str, str], curren
     return True
 
 
-def _claim_winner(claims: Any, me: str) -> str | None:
-    """Given index values (creationTimestamp, name), return the earliest claimant if it is not me."""
-    ordered = sorted(claims)
-    if ordered and ordered[0][1] != me:
-        return ordered[0][1]
+def _claim(meta: Any, namespace: str, server: str | None) -> tuple[str, str, str, str | None]:
+    return (meta.get("creationTimestamp") or "", namespace, meta["name"], server)
+
+
+def _claim_winner(
+    claims: Any, namespace: str, name: str, endpoint_of: Callable[[str, str | None], str | None]
+) -> str | None:
+    """Claims are (creationTimestamp, namespace, name, server) for one database, role, vhost or user name,
+    from every namespace. Rivals are claims whose server object points at the same physical server as
+    mine; the earliest wins. Returns "namespace/name" of the winner when it is not me."""
+    mine = endpoint_of(namespace, next((c[3] for c in claims if c[1:3] == (namespace, name)), None))
+    if mine is None:
+        return None
+    rivals = sorted(c for c in claims if endpoint_of(c[1], c[3]) == mine)
+    if rivals and rivals[0][1:3] != (namespace, name):
+        return f"{rivals[0][1]}/{rivals[0][2]}"
     return None
 
 
-def _claim(meta: Any) -> tuple[str, str]:
-    return (meta.get("creationTimestamp") or "", meta["name"])
+def _endpoint(index: Any, key: str) -> Callable[[str, str | None], str | None]:
+    def endpoint_of(namespace: str, server: str | None) -> str | None:
+        found = list(index.get((namespace, server), []))
+        return (
+            str(found[0]["spec"].get(key) if key != "pg" else _pg_endpoint(found[0]["spec"]))
+            if found
+            else None
+        )
+
+    return endpoint_of
+
+
+def _pg_endpoint(spec: dict[str, Any]) -> str:
+    return f"{str(spec.get('host', '')).lower()}:{spec.get('port', 5432)}"
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -309,18 +332,15 @@ def _db_names(name: str, spec: dict[str, Any]) -> tuple[str, str, str]:
 def pg_claims(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict:
     dbname, owner, _secret = _db_names(name, dict(spec))
     server = (spec.get("serverRef") or {}).get("name")
-    claim = _claim(meta)
-    return {("db", namespace, server, dbname): claim, ("role", namespace, server, owner): claim}
+    claim = _claim(meta, namespace, server)
+    return {("db", dbname): claim, ("role", owner): claim}
 
 
-def _pg_conflict(namespace: str, name: str, spec: dict[str, Any], claims: Any) -> str | None:
+def _pg_conflict(namespace: str, name: str, spec: dict[str, Any], claims: Any, servers: Any) -> str | None:
     dbname, owner, _ = _db_names(name, spec)
     server = spec["serverRef"]["name"]
-    for key, what in (
-        (("db", namespace, server, dbname), f"database {dbname!r}"),
-        (("role", namespace, server, owner), f"role {owner!r}"),
-    ):
-        winner = _claim_winner(claims.get(key, []), name)
+    for key, what in ((("db", dbname), f"database {dbname!r}"), (("role", owner), f"role {owner!r}")):
+        winner = _claim_winner(claims.get(key, []), namespace, name, _endpoint(servers, "pg"))
         if winner:
             return f"{what} on server {server!r} is already claimed by PostgresDatabase {winner!r}"
     return None
@@ -356,7 +376,7 @@ async def _reconcile_pg_db(body, spec, name, namespace, patch, pg_servers, pg_cl
             raise Refused("InvalidSpec", str(e)) from e
         if dbname in postgres.RESERVED_DATABASES:
             raise Refused("InvalidSpec", f"database name {dbname!r} is reserved")
-        conflict = _pg_conflict(namespace, name, spec, pg_claims)
+        conflict = _pg_conflict(namespace, name, spec, pg_claims, pg_servers)
         if conflict:
             raise Refused("Conflict", conflict)
         server_name = spec["serverRef"]["name"]
@@ -436,7 +456,7 @@ async def pg_db_deleted(
     if spec.get("reclaimPolicy", "Retain") != "Delete":
         logger.info("reclaimPolicy Retain: database left in place")
         return
-    if _pg_conflict(namespace, name, spec, pg_claims):
+    if _pg_conflict(namespace, name, spec, pg_claims, pg_servers):
         return  # never drop what another object owns
     servers = list(pg_servers.get((namespace, spec["serverRef"]["name"]), []))
     if not servers or servers[0]["deleting"]:
@@ -541,7 +561,7 @@ async def rabbit_server_timer(body, spec, namespace, patch, **_: Any) -> None:
 
 @kopf.index(*RB_VHOST)
 def rabbit_vhost_claims(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict:
-    return {(namespace, (spec.get("serverRef") or {}).get("name"), spec.get("name") or name): _claim(meta)}
+    return {spec.get("name") or name: _claim(meta, namespace, (spec.get("serverRef") or {}).get("name"))}
 
 
 async def _reconcile_vhost(
@@ -552,7 +572,9 @@ async def _reconcile_vhost(
     async def work(new: dict[str, Any]) -> str:
         vhost = spec.get("name") or name
         server_name = spec["serverRef"]["name"]
-        winner = _claim_winner(rabbit_vhost_claims.get((namespace, server_name, vhost), []), name)
+        winner = _claim_winner(
+            rabbit_vhost_claims.get(vhost, []), namespace, name, _endpoint(rabbit_servers, "managementUrl")
+        )
         if winner:
             raise Refused("Conflict", f"vhost {vhost!r} is already claimed by RabbitVhost {winner!r}")
         server = _server_for(rabbit_servers, namespace, server_name)
@@ -600,7 +622,9 @@ async def vhost_deleted(
     vhost = spec.get("name") or name
     if spec.get("reclaimPolicy", "Retain") != "Delete":
         return
-    if _claim_winner(rabbit_vhost_claims.get((namespace, spec["serverRef"]["name"], vhost), []), name):
+    if _claim_winner(
+        rabbit_vhost_claims.get(vhost, []), namespace, name, _endpoint(rabbit_servers, "managementUrl")
+    ):
         return
     servers = list(rabbit_servers.get((namespace, spec["serverRef"]["name"]), []))
     if not servers or servers[0]["deleting"] or (meta.get("annotations") or {}).get(FORCE_DELETE) == "true":
@@ -635,14 +659,18 @@ def rabbit_topology_claims(namespace: str, name: str, spec: kopf.Spec, meta: kop
     if spec.get("deadLetter"):
         exchanges.append(spec["deadLetter"].get("exchange"))
     return {
-        ("user", namespace, server, user): _claim(meta),
+        ("user", user): _claim(meta, namespace, server),
         ("exchanges", namespace, server, spec.get("vhost")): (name, tuple(exchanges)),
     }
 
 
-def _topology_conflict(namespace: str, name: str, spec: dict[str, Any], claims: Any) -> str | None:
+def _topology_conflict(
+    namespace: str, name: str, spec: dict[str, Any], claims: Any, servers: Any
+) -> str | None:
     user = (spec.get("user") or {}).get("name") or name
-    winner = _claim_winner(claims.get(("user", namespace, spec["serverRef"]["name"], user), []), name)
+    winner = _claim_winner(
+        claims.get(("user", user), []), namespace, name, _endpoint(servers, "managementUrl")
+    )
     if winner:
         return f"broker user {user!r} is already claimed by RabbitTopology {winner!r}"
     return None
@@ -660,7 +688,7 @@ async def _reconcile_topology(
     status = dict(body.get("status") or {})
 
     async def work(new: dict[str, Any]) -> str:
-        conflict = _topology_conflict(namespace, name, spec, rabbit_topology_claims)
+        conflict = _topology_conflict(namespace, name, spec, rabbit_topology_claims, rabbit_servers)
         if conflict:
             raise Refused("Conflict", conflict)
         secret_name = spec.get("secretName") or f"{name}-amqp"
@@ -761,7 +789,7 @@ async def topology_deleted(
     body, spec, name, namespace, meta, patch, rabbit_servers, rabbit_topology_claims, logger, **_: Any
 ):
     spec = dict(spec)
-    if _topology_conflict(namespace, name, spec, rabbit_topology_claims):
+    if _topology_conflict(namespace, name, spec, rabbit_topology_claims, rabbit_servers):
         return
     servers = list(rabbit_servers.get((namespace, spec["serverRef"]["name"]), []))
     if not servers or servers[0]["deleting"] or (meta.get("annotations") or {}).get(FORCE_DELETE) == "true":

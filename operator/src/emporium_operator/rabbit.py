@@ -18,6 +18,9 @@ import httpx
 
 POLICY_PREFIX = "emporium-queue."
 POLICY_PRIORITY = 100
+# Statistics-free reads: the management stats DB lags behind (and on some versions crashes for a vhost
+# created a moment ago), while the operator needs only definitions and message totals.
+NO_STATS = {"disable_stats": "true"}
 
 
 class RabbitError(Exception):
@@ -182,10 +185,10 @@ class RabbitAdmin:
         return response.json() if response.content else {}
 
     async def overview(self) -> dict[str, Any]:
-        return await self._call("GET", "/overview")
+        return await self._call("GET", "/overview", params=NO_STATS)
 
     async def get_vhost(self, vhost: str) -> dict | None:
-        return await self._call("GET", f"/vhosts/{q(vhost)}", missing_ok=True)
+        return await self._call("GET", f"/vhosts/{q(vhost)}", params=NO_STATS, missing_ok=True)
 
     async def put_vhost(self, vhost: str, description: str = "") -> None:
         await self._call("PUT", f"/vhosts/{q(vhost)}", {"description": description})
@@ -217,7 +220,9 @@ class RabbitAdmin:
         await self._call("PUT", f"/permissions/{q(vhost)}/{q(user)}", perms)
 
     async def list_exchanges(self, vhost: str) -> list[dict]:
-        return await self._call("GET", f"/exchanges/{q(vhost)}", params={"columns": "name,type,durable"})
+        return await self._call(
+            "GET", f"/exchanges/{q(vhost)}", params={**NO_STATS, "columns": "name,type,durable"}
+        )
 
     async def put_exchange(self, vhost: str, e: dict[str, Any]) -> None:
         await self._call(
@@ -237,11 +242,17 @@ class RabbitAdmin:
 
     async def list_queues(self, vhost: str) -> list[dict]:
         return await self._call(
-            "GET", f"/queues/{q(vhost)}", params={"columns": "name,type,durable,messages,consumers,arguments"}
+            "GET",
+            f"/queues/{q(vhost)}",
+            params={
+                **NO_STATS,
+                "enable_queue_totals": "true",
+                "columns": "name,type,durable,messages,arguments",
+            },
         )
 
     async def get_queue(self, vhost: str, name: str) -> dict | None:
-        return await self._call("GET", f"/queues/{q(vhost)}/{q(name)}", missing_ok=True)
+        return await self._call("GET", f"/queues/{q(vhost)}/{q(name)}", params=NO_STATS, missing_ok=True)
 
     async def put_queue(self, vhost: str, x: dict[str, Any]) -> None:
         await self._call(

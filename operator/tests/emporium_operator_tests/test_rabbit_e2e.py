@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import urllib.error
+from pathlib import Path
 
 import aio_pika
 import pytest
+import yaml
 from aiormq.exceptions import ChannelAccessRefused
 
 TOPO = "RabbitTopology"
+CHART_TOPOLOGIES = {
+    path.parent.parent.name: yaml.safe_load(path.read_text())
+    for path in sorted((Path(__file__).resolve().parents[3] / "charts").glob("*/files/rabbit-topology.yaml"))
+}
 
 
 def orders_spec(vhost: str) -> dict:
@@ -120,7 +126,7 @@ async def test_topology_secret_works_with_least_privilege(kube, env, vhost, rabb
 async def test_update_prunes_and_changes_policy(kube, env, vhost, rabbitmq):
     ns = env["ns"]
     spec = orders_spec(vhost)
-    spec["queues"] = [{"name": "orders.events", "type": "quorum", "messageTtl": 1000}]
+    spec["queues"] = [{"name": "orders.events", "type": "quorum", "messageTtl": 600000}]
     spec["bindings"] = spec["bindings"][:1]
     kube.custom.replace_namespaced_custom_object(
         "emporium.dev",
@@ -132,8 +138,19 @@ async def test_update_prunes_and_changes_policy(kube, env, vhost, rabbitmq):
     )
     await kube.wait_ready(ns, TOPO, "orders")
     policy = api_get(rabbitmq, f"/api/policies/{vhost}/emporium-queue.orders.events")
-    assert policy["definition"] == {"message-ttl": 1000}
-    assert api_get(rabbitmq, f"/api/queues/{vhost}/orders.audit") is None  # reclaimPolicy Delete, empty
+    assert policy["definition"] == {"message-ttl": 600000}
+    # orders.audit (bound with "#") still holds the message published above: kept and reported.
+    obj = kube.get(ns, TOPO, "orders")
+    assert obj["status"]["retainedQueues"] == ["orders.audit"]
+    assert "orders.audit" in kube.condition(obj)["message"]
+    assert api_get(rabbitmq, f"/api/queues/{vhost}/orders.audit") is not None
+    rabbitmq.api("DELETE", f"/api/queues/{vhost}/orders.audit/contents")
+    # Once empty, the drift check prunes it (reclaimPolicy Delete).
+    await kube.wait_for(
+        lambda: api_get(rabbitmq, f"/api/queues/{vhost}/orders.audit") is None,
+        within=30,
+        what="orders.audit pruned",
+    )
     bindings = rabbitmq.api("GET", f"/api/bindings/{vhost}")
     assert not [b for b in bindings if b["destination"] == "orders.audit"]
 
@@ -225,3 +242,17 @@ async def test_delete_blocked_by_non_empty_queue(kube, env, vhost, rabbitmq):
     assert api_get(rabbitmq, "/api/users/orders") is None
     # emporium.events is still declared by notifications, so it stays.
     assert api_get(rabbitmq, f"/api/exchanges/{vhost}/emporium.events") is not None
+
+
+async def test_service_topology_files_from_the_charts_apply(kube, env, vhost, rabbitmq):
+    """The topology files the service charts ship (charts/<svc>/files/rabbit-topology.yaml) are valid."""
+    ns = env["ns"]
+    assert CHART_TOPOLOGIES
+    for svc, spec in CHART_TOPOLOGIES.items():
+        spec = {**spec, "serverRef": {"name": "rabbit"}, "vhost": vhost, "secretName": f"chart-{svc}-amqp"}
+        spec["user"] = {**spec["user"], "name": f"chart-{svc}"}  # the plain service names are taken above
+        kube.create(ns, TOPO, f"chart-{svc}", spec)
+    for svc in CHART_TOPOLOGIES:
+        await kube.wait_ready(ns, TOPO, f"chart-{svc}")
+        perms = rabbitmq.api("GET", f"/api/permissions/{vhost}/chart-{svc}")
+        assert perms["configure"] == "^$"

@@ -156,3 +156,39 @@ def test_secret_manifest_has_label_and_owner():
     assert m["metadata"]["labels"]["emporium.dev/managed"] == "true"
     assert m["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     assert base64.b64decode(m["data"]["password"]) == b"pw"
+
+
+def test_claims_conflict_across_namespaces_on_the_same_physical_server():
+    from emporium_operator.main import _claim_winner
+
+    servers = {("a", "pg"): "db:5432", ("b", "pg2"): "db:5432", ("c", "pg"): "other:5432"}
+
+    def endpoint_of(ns, server):
+        return servers.get((ns, server))
+
+    claims = [
+        ("2026-01-02T00:00:00Z", "a", "orders", "pg"),
+        ("2026-01-01T00:00:00Z", "b", "orders-copy", "pg2"),  # earlier, same physical server
+        ("2025-01-01T00:00:00Z", "c", "orders", "pg"),  # earliest, but another server
+    ]
+    assert _claim_winner(claims, "a", "orders", endpoint_of) == "b/orders-copy"
+    assert _claim_winner(claims, "b", "orders-copy", endpoint_of) is None
+    assert _claim_winner(claims, "c", "orders", endpoint_of) is None
+    assert _claim_winner(claims, "x", "unknown", endpoint_of) is None
+
+
+def test_rotation_due_by_trigger_and_interval():
+    import datetime as dt
+
+    from emporium_operator.main import _rotation_due
+
+    now = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+    assert _rotation_due({}, {}, now) == (False, None)
+    assert _rotation_due({"passwordRotation": {"trigger": "a"}}, {"rotationTrigger": "a"}, now) == (
+        False,
+        "a",
+    )
+    assert _rotation_due({"passwordRotation": {"trigger": "b"}}, {"rotationTrigger": "a"}, now) == (True, "b")
+    spec = {"passwordRotation": {"interval": "1h"}}
+    assert _rotation_due(spec, {"passwordRotatedAt": "2026-11-25T11:30:00Z"}, now) == (False, None)
+    assert _rotation_due(spec, {"passwordRotatedAt": "2026-11-25T10:59:00Z"}, now) == (True, None)
