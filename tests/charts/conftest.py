@@ -19,6 +19,8 @@ APP_CHARTS = (*SERVICES, "emporium-operator", "emporium")
 ALL_CHARTS = ("emporium-lib", *APP_CHARTS)
 NAMESPACE = "emporium"
 OPERATOR_NAMESPACE = "emporium-system"
+JWKS_FIXTURE = Path(__file__).parent / "fixtures" / "jwks.json"
+INLINE_JWKS_ARGS = ("--set", "auth.jwks.mode=inline", "--set-file", f"auth.jwks.inline={JWKS_FIXTURE}")
 
 
 def _load_module(name: str, path: Path):

@@ -14,6 +14,7 @@ from .conftest import (
     ALL_CHARTS,
     APP_CHARTS,
     CHARTS,
+    INLINE_JWKS_ARGS,
     SERVICES,
     helm_args_for,
     parse,
@@ -70,6 +71,8 @@ def test_values_schema_rejects_unknown_keys(helm: str, charts_dir: Path, chart: 
 def render_cases() -> list[tuple[str, str, list[str]]]:
     """(case id, chart, helm args): every chart with its defaults, and each skaffold profile's releases."""
     cases = [(f"{chart}-defaults", chart, []) for chart in APP_CHARTS]
+    cases.append(("emporium-inline-jwks", "emporium", list(INLINE_JWKS_ARGS)))
+    cases.append(("emporium-admin-order-status", "emporium", ["--set", "auth.orderStatusRequiresAdmin=true"]))
     for profile, releases in skaffold_profiles().items():
         for release in releases:
             chart = Path(release["chartPath"]).name
@@ -159,6 +162,9 @@ def test_service_workloads(render) -> None:
         hook = job["metadata"]["annotations"]["helm.sh/hook"]
         assert hook == "post-install,pre-upgrade"
         job_spec = job["spec"]
+        selector = by_kind["Service"][svc]["spec"]["selector"]
+        pod_labels = job_spec["template"]["metadata"]["labels"]
+        assert not selector.items() <= pod_labels.items(), "the Service would send traffic to the Job"
         assert job_spec["parallelism"] == 1 and job_spec["completions"] == 1
         assert job_spec["template"]["spec"]["containers"][0]["command"] == [
             "python",

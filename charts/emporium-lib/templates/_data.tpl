@@ -80,9 +80,12 @@ spec:
   ttlSecondsAfterFinished: {{ .Values.migration.ttlSecondsAfterFinished }}
   template:
     metadata:
+      # not the service's selector labels: the Service and the PodDisruptionBudget must not select it
       labels:
-        {{- include "emporium-lib.selectorLabels" . | nindent 8 }}
+        app.kubernetes.io/name: {{ include "emporium-lib.name" . }}-migrate
+        app.kubernetes.io/instance: {{ .Release.Name }}
         app.kubernetes.io/component: migration
+        app.kubernetes.io/part-of: emporium
       annotations:
         # the Job must finish: no sidecar that keeps the pod running
         sidecar.istio.io/inject: "false"

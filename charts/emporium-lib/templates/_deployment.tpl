@@ -233,7 +233,7 @@ spec:
       ports:
         - port: http
           protocol: TCP
-    # Prometheus scrapes the app port or the sidecar's merged metrics port.
+    # Prometheus scrapes the app port directly (no mesh).
     - from:
         - namespaceSelector:
             matchLabels:
@@ -241,8 +241,14 @@ spec:
       ports:
         - port: http
           protocol: TCP
+    {{- if include "emporium-lib.meshEnabled" . }}
+    # The sidecar's agent: merged metrics (Prometheus) and the rewritten probes (kubelet, from the node).
+    - ports:
         - port: 15020
           protocol: TCP
+        - port: 15021
+          protocol: TCP
+    {{- end }}
 {{- end -}}
 {{- end -}}
 
