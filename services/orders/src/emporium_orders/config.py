@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from emporium_common import Settings
-from pydantic import Field
+from pydantic import Field, model_validator
 
 
 class OrdersSettings(Settings):
@@ -14,3 +14,9 @@ class OrdersSettings(Settings):
     # The outbox relay runs inside the service (one per replica; SKIP LOCKED makes that safe).
     outbox_relay: bool = True
     outbox_poll_seconds: float = Field(default=0.5, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _internal_token_in_production(self):
+        if self.is_production and not self.internal_token:
+            raise ValueError("refusing weak production configuration: INTERNAL_TOKEN is not set")
+        return self
