@@ -7,6 +7,7 @@ import urllib.error
 from pathlib import Path
 
 import aio_pika
+import httpx
 import pytest
 import yaml
 from aiormq.exceptions import ChannelAccessRefused
@@ -179,7 +180,24 @@ async def test_drift_repair_queue_binding_user_and_permission(kube, env, vhost, 
         lambda: (o := kube.get(ns, TOPO, "notifications"))["status"].get("driftRepairs", 0) >= 3 and o,
         within=30,
     )
-    assert {"queue", "binding", "permission"} <= set(obj["status"]["lastDriftRepair"]["objects"])
+    assert obj["status"]["lastDriftRepair"]["objects"]
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{env['metrics_port']}/metrics")).text
+    for obj_label in ("queue", "binding", "permission"):
+        assert f'emporium_operator_drift_repairs_total{{kind="RabbitTopology",object="{obj_label}"}}' in text
+    # A password changed on the broker is reset to the Secret's.
+    rabbitmq.api("PUT", "/api/users/notifications", {"password": "tampered", "tags": ""})
+    secret = kube.secret(ns, "notifications-amqp")
+    for _ in range(60):
+        try:
+            conn = await aio_pika.connect(secret["uri"], timeout=5)
+        except Exception:  # ProbableAuthenticationError until the reset
+            await asyncio.sleep(0.5)
+            continue
+        await conn.close()
+        break
+    else:
+        raise AssertionError("the broker password was not reset to the Secret's")
 
 
 async def test_vhost_missing_then_created(kube, env, rabbitmq):
