@@ -1,0 +1,239 @@
+# ruff: noqa: S311 - random picks load, not secrets
+"""Benchmark one instance each of the products and orders services (loopback only, bounded).
+
+    uv run python services/bench/bench_services.py [--requests 2000] [--orders 400] [--concurrency 16]
+
+Starts a throwaway Postgres from the test bed (or uses BENCH_POSTGRES_DSN, a superuser postgresql:// URL
+of an existing server), migrates two databases, serves a JWKS for test tokens, starts
+``python -m emporium_products serve`` and ``python -m emporium_orders serve`` as separate processes on
+127.0.0.1, seeds products, then measures:
+- product listing: ``GET /products?limit=20&sort_by=-price`` (varying offsets and a name filter)
+- order placement: ``POST /orders`` (one line, server-side prices, stock reserved in products over HTTP)
+and prints throughput and p50/p99 latency. Every phase is capped in request count and in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.server
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import httpx
+from emporium_common.migrations import upgrade_head
+from emporium_common.testing import TokenFactory
+from emporium_testbed.process import free_port
+
+SERVICES = Path(__file__).resolve().parents[1]
+INTERNAL_TOKEN = "bench-internal-token-0123456789"  # noqa: S105 - a throwaway local run
+
+
+def serve_jwks(jwks: dict) -> tuple[http.server.ThreadingHTTPServer, str]:
+    body = json.dumps(jwks).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+
+
+def start_service(name: str, env: dict[str, str], log_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = (log_dir / f"{name}.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"emporium_{name}", "serve"],
+        env={**os.environ, **env, "PORT": str(port), "LOG_LEVEL": "WARNING"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited; see {log.name}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1):
+                return process, url
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{name} did not start in time; see {log.name}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def run_phase(name, make_request, total: int, concurrency: int, max_seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    start = time.perf_counter()
+    deadline = start + max_seconds
+
+    async def worker() -> None:
+        nonlocal issued, errors
+        while issued < total and time.perf_counter() < deadline:
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                ok = await make_request()
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - t0)
+            errors += 0 if ok else 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    return {
+        "phase": name,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "rps": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 1) if latencies else None,
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1) if latencies else None,
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
+    }
+
+
+async def benchmark(products_url: str, orders_url: str, tokens: TokenFactory, args) -> list[dict]:
+    admin = tokens.auth_header("bench-admin", roles=["admin"])
+    limits = httpx.Limits(
+        max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2
+    )
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        product_ids = []
+        for i in range(args.products):
+            body = {
+                "name": f"Bench product {i}",
+                "price": f"{random.randint(100, 99999) / 100:.2f}",
+                "stock_quantity": 1_000_000,
+                "sku": f"BENCH-{uuid.uuid4().hex[:12]}",
+                "category": f"cat-{i % 10}",
+            }
+            response = await client.post(f"{products_url}/products", json=body, headers=admin)
+            response.raise_for_status()
+            product_ids.append(response.json()["id"])
+
+        async def list_products() -> bool:
+            params = {
+                "limit": 20,
+                "offset": random.randint(0, max(0, args.products - 20)),
+                "sort_by": "-price",
+            }
+            if random.random() < 0.3:
+                params["name"] = f"product {random.randint(1, 9)}"
+            response = await client.get(f"{products_url}/products", params=params)
+            return response.status_code == 200
+
+        buyers = [tokens.auth_header(f"bench-buyer-{i}") for i in range(50)]
+
+        async def place_order() -> bool:
+            body = {"items": [{"product_id": random.choice(product_ids), "quantity": 1}]}
+            response = await client.post(f"{orders_url}/orders", json=body, headers=random.choice(buyers))
+            return response.status_code == 201
+
+        await run_phase("warm-up", list_products, 100, 4, 10)
+        return [
+            await run_phase(
+                "GET /products", list_products, args.requests, args.concurrency, args.max_seconds
+            ),
+            await run_phase("POST /orders", place_order, args.orders, args.concurrency, args.max_seconds),
+        ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="product listing requests (cap)")
+    parser.add_argument("--orders", type=int, default=400, help="orders to place (cap)")
+    parser.add_argument("--products", type=int, default=200, help="products to seed")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-seconds", type=float, default=30.0, help="time cap per phase")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="emporium-bench-") as tmp:
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o755)
+        postgres = None
+        admin_dsn = os.environ.get("BENCH_POSTGRES_DSN")
+        processes: list[subprocess.Popen] = []
+        jwks_server = None
+        try:
+            if not admin_dsn:
+                from emporium_testbed.postgres import PostgresServer
+
+                postgres = PostgresServer(tmp_path / "postgres").start()
+                admin_dsn = postgres.admin_dsn
+            suffix = uuid.uuid4().hex[:6]
+            dsns = {}
+            for name in ("products", "orders"):
+                db = f"bench_{name}_{suffix}"
+                subprocess.run(
+                    ["psql", "-X", "-q", "-d", admin_dsn, "-c", f'CREATE DATABASE "{db}"'], check=True
+                )
+                dsns[name] = admin_dsn.rsplit("/", 1)[0] + f"/{db}"
+                upgrade_head(SERVICES / name / "alembic.ini", dsns[name])
+
+            tokens = TokenFactory()
+            jwks_server, jwks_url = serve_jwks(tokens.jwks)
+            common = {"JWKS_URL": jwks_url, "INTERNAL_TOKEN": INTERNAL_TOKEN, "AMQP_URL": ""}
+            products, products_url = start_service(
+                "products", {**common, "DATABASE_URL": dsns["products"]}, tmp_path
+            )
+            processes.append(products)
+            orders, orders_url = start_service(
+                "orders", {**common, "DATABASE_URL": dsns["orders"], "PRODUCTS_URL": products_url}, tmp_path
+            )
+            processes.append(orders)
+
+            results = asyncio.run(benchmark(products_url, orders_url, tokens, args))
+            print(f"Emporium services benchmark (1 instance each, loopback, concurrency {args.concurrency})")
+            print(f"{'phase':<16}{'requests':>9}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+            for r in results:
+                print(
+                    f"{r['phase']:<16}{r['requests']:>9}{r['errors']:>8}{r['rps']:>9}{r['p50_ms']:>9}{r['p99_ms']:>9}"
+                )
+            if args.json:
+                print(json.dumps(results))
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            if jwks_server is not None:
+                jwks_server.shutdown()
+            if postgres is not None:
+                postgres.stop()
+
+
+if __name__ == "__main__":
+    main()
