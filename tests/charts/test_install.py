@@ -19,7 +19,7 @@ import pytest
 import yaml
 from emporium_testbed.toolchain import tool
 
-from .conftest import SERVICES, crd_schemas, parse, run
+from .conftest import SERVICES, crd_schemas, helm_args_for, parse, run, skaffold_profiles
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,12 @@ spec:
     cluster.kubectl("apply", "-f", "-", input=servers)
 
     # the platform; unique database, vhost and broker user names: the test bed's servers are shared
-    values = ["--set", f"ingress.gatewayNamespace={gw_ns}", "--set", f"global.rabbitVhost=charts-{suffix}"]
+    # skaffold's default deployment (k8s/values/kind.yaml, its image bindings) plus unique names
+    (platform,) = [r for r in skaffold_profiles()["default"] if r["name"] == "emporium"]
+    values = helm_args_for(platform)
+    values += ["--set", f"ingress.gatewayNamespace={gw_ns}", "--set", f"global.rabbitVhost=charts-{suffix}"]
+    # kind.yaml turns autoscaling off; keep one service's HPA and PDB so the API server sees them too
+    values += ["--set", "users.autoscaling.enabled=true", "--set", "users.podDisruptionBudget.enabled=true"]
     for svc in SERVICES:
         values += [
             "--set",

@@ -4,6 +4,7 @@ with kubeconform, labels, hardening, and the wiring between the charts and the o
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -99,6 +100,19 @@ def test_render_validates_strictly(render, kubeconform: str, schema_locations, t
     summary = report["summary"]
     assert summary["invalid"] == 0 and summary["errors"] == 0 and summary["skipped"] == 0
     assert summary["valid"] == len(parse(manifest))
+
+
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+
+@pytest.mark.parametrize(("chart", "args"), [c[1:] for c in RENDER_CASES], ids=[c[0] for c in RENDER_CASES])
+def test_label_values_are_valid(render, chart, args) -> None:
+    """Label values the API server accepts (e.g. not an image tag with a digest)."""
+    for obj in render(chart, *args):
+        templates = [obj["spec"]["template"]["metadata"]] if obj["kind"] in ("Deployment", "Job") else []
+        for meta in [obj["metadata"], *templates]:
+            for key, value in (meta.get("labels") or {}).items():
+                assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), f"{obj['kind']} {key}={value!r}"
 
 
 def test_skaffold_profiles_cover_operator_and_platform() -> None:

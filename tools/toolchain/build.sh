@@ -30,6 +30,7 @@ version_of() {
     helm) "$2" version --template '{{.Version}}' 2>/dev/null ;;
     kubeconform) "$2" -v 2>/dev/null ;;
     pilot-discovery | pilot-agent) "$2" version --short 2>/dev/null | head -1 ;;
+    skaffold) "$2" version 2>/dev/null ;;
   esac
 }
 
@@ -39,6 +40,7 @@ pin_of() {
     etcd) echo "$ETCD_VERSION" ;;
     helm) echo "$HELM_VERSION" ;;
     kubeconform) echo "$KUBECONFORM_VERSION" ;;
+    skaffold) echo "${SKAFFOLD_VERSION:-v2.24.0}" ;;
     pilot-discovery | pilot-agent) echo "$ISTIO_VERSION" ;;
     *) log "unknown tool $1"; exit 2 ;;
   esac
@@ -91,6 +93,9 @@ build() {
          -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor" ;;
     kubeconform)
       go_build kubeconform kubeconform github.com/yannh/kubeconform/cmd/kubeconform "" "" ;;
+    skaffold) # on request only (10-20 min on 2 cores): `build.sh skaffold`
+      go_build skaffold skaffold github.com/GoogleContainerTools/skaffold/v2/cmd/skaffold "" \
+        "-X github.com/GoogleContainerTools/skaffold/v2/pkg/skaffold/version.version=$(pin_of skaffold)" ;;
     pilot-discovery)
       go_build istio pilot-discovery istio.io/istio/pilot/cmd/pilot-discovery "vtprotobuf,disable_pgv" "$(istio_ldflags)" ;;
     pilot-agent)

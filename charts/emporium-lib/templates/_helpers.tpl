@@ -29,7 +29,7 @@ app.kubernetes.io/component: {{ .Values.component | default "service" }}
 {{- define "emporium-lib.commonLabels" -}}
 helm.sh/chart: {{ include "emporium-lib.chart" . }}
 {{ include "emporium-lib.selectorLabels" . }}
-app.kubernetes.io/version: {{ (.Values.image.tag | default .Chart.AppVersion) | toString | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: emporium
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
