@@ -259,6 +259,7 @@ def test_service_environment_matches_contract(render) -> None:
     assert envs["orders"]["PRODUCTS_URL"]["value"] == "http://products.emporium.svc.cluster.local:8000"
     assert envs["users"]["JWT_KEYS_DIR"]["value"] == "/var/run/secrets/emporium/jwt-keys"
     assert {"ADMIN_EMAIL", "ADMIN_PASSWORD"} <= set(envs["users"])
+    assert envs["users"]["TRUSTED_PROXY_HOPS"]["value"] == "1"  # behind the Istio ingress gateway
     assert {"SMTP_HOST", "SMTP_PORT", "SMTP_FROM"} <= set(envs["notifications"])
     assert envs["products"]["INTERNAL_TOKEN"]["valueFrom"] == envs["orders"]["INTERNAL_TOKEN"]["valueFrom"]
     assert (
