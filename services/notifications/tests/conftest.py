@@ -1,20 +1,25 @@
 """The whole event path on the test bed: products + orders (+ outbox relay) + notifications (consumer,
-mailer, websocket) served by uvicorn on loopback, RabbitMQ with the chart's topology files declared,
-the SMTP sink. Services connect to the broker as the least-privilege users from those files."""
+mailer, websocket) served by uvicorn on loopback, RabbitMQ with the charts' topology files declared by the
+operator's own planner and applier (emporium_operator.rabbit: same queue types, policies, dead-letter
+shorthand and permissions as in Kubernetes), the SMTP sink. Services connect to the broker as the
+least-privilege users from those files."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import uvicorn
+import yaml
 from emporium_common import testing
-from emporium_common.topology import TopologyDeclarer, load_topology
 from emporium_notifications.config import NotificationsSettings
 from emporium_notifications.main import build_app as build_notifications
+from emporium_operator.rabbit import RabbitAdmin, desired_topology, ensure_topology
 from emporium_orders.config import OrdersSettings
 from emporium_orders.main import build_app as build_orders
 from emporium_products.config import ProductsSettings
@@ -65,26 +70,44 @@ def tokens() -> testing.TokenFactory:
     return testing.TokenFactory()
 
 
+async def declare_topology(rabbitmq, service: str, vhost: str = VHOST) -> str:
+    """Declare charts/<service>/files/rabbit-topology.yaml like the operator does; returns the user's URL."""
+    spec = yaml.safe_load(topology_file(service).read_text())
+    spec["vhost"] = vhost
+    password = secrets.token_urlsafe(16)
+    want = desired_topology(spec, service, password)
+    async with RabbitAdmin(rabbitmq.management_url, rabbitmq.admin_user, rabbitmq.admin_password) as api:
+        await api.put_vhost(vhost)
+        await ensure_topology(api, want, {}, allow_queue_delete=False)
+    return rabbitmq.url_for(want.user, password, vhost)
+
+
 @pytest.fixture(scope="session")
-def broker(rabbitmq):
+async def broker(rabbitmq):
     """The three services' topology files declared on a vhost; returns {service: amqp_url} for their users."""
-    declarer = TopologyDeclarer(rabbitmq.management_url, rabbitmq.admin_user, rabbitmq.admin_password, VHOST)
-    urls = {}
-    try:
-        for service in ("users", "orders", "notifications"):
-            name, password = declarer.declare(load_topology(topology_file(service)))
-            urls[service] = rabbitmq.url_for(name, password, VHOST)
-    finally:
-        declarer.close()
+    urls = {
+        service: await declare_topology(rabbitmq, service) for service in ("users", "orders", "notifications")
+    }
     urls["admin"] = rabbitmq.url_for(rabbitmq.admin_user, rabbitmq.admin_password, VHOST)
     return urls
 
 
+class Queues:
+    """Queue inspection through the management API (admin)."""
+
+    def __init__(self, rabbitmq) -> None:
+        self.rabbitmq = rabbitmq
+
+    def purge(self, queue: str) -> None:
+        self.rabbitmq.api("DELETE", f"/api/queues/{quote(VHOST, safe='')}/{quote(queue, safe='')}/contents")
+
+    def queue_info(self, queue: str) -> dict:
+        return self.rabbitmq.api("GET", f"/api/queues/{quote(VHOST, safe='')}/{quote(queue, safe='')}")
+
+
 @pytest.fixture(scope="session")
-def declarer(rabbitmq, broker):
-    d = TopologyDeclarer(rabbitmq.management_url, rabbitmq.admin_user, rabbitmq.admin_password, VHOST)
-    yield d
-    d.close()
+def declarer(rabbitmq, broker) -> Queues:
+    return Queues(rabbitmq)
 
 
 @pytest.fixture(scope="session")
