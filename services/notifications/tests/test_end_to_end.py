@@ -142,3 +142,25 @@ async def test_broker_outage_delays_events_but_delivers_each_exactly_once(
             await conn.execute(sa.text("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
         ).scalar()
     assert unsent == 0
+
+
+async def test_websocket_accepts_the_bearer_subprotocol(stack, tokens):
+    token = tokens.token("subprotocol-user")
+    async with connect(ws_url(stack), subprotocols=["bearer", token], open_timeout=5) as ws:
+        assert ws.subprotocol == "bearer"
+        assert json.loads(await ws.recv())["type"] == "connected"
+
+
+async def test_event_metrics_are_exported(stack):
+    async with httpx.AsyncClient(timeout=10) as client:
+        orders_metrics = (await client.get(stack["orders"].url + "/metrics")).text
+        notifications_metrics = (await client.get(stack["notifications"].url + "/metrics")).text
+    for name in ("emporium_outbox_backlog", "emporium_events_published_total"):
+        assert name in orders_metrics
+    for name in (
+        "emporium_events_consumed_total",
+        "emporium_events_dead_lettered_total",
+        "emporium_notifications_emails_total",
+        "emporium_notifications_websocket_connections",
+    ):
+        assert name in notifications_metrics
