@@ -86,6 +86,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     await KUBE.close()
+    while _rabbit_clients:
+        await _rabbit_clients.popitem()[1].aclose()
 
 
 @kopf.on.probe(id="reconciles")
@@ -505,14 +507,20 @@ def rabbit_servers(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, 
     return {(namespace, name): {"spec": dict(spec), "deleting": bool(meta.get("deletionTimestamp"))}}
 
 
+_rabbit_clients: dict[tuple[str, str, str, bool], rabbit.RabbitAdmin] = {}
+
+
 async def _rabbit_api(namespace: str, spec: dict[str, Any]) -> rabbit.RabbitAdmin:
+    """One management API client (connection pool) per server and credentials, kept for the process."""
     user, password = await _admin_credentials(namespace, spec["adminSecretRef"], "RabbitServer")
-    return rabbit.RabbitAdmin(
-        spec["managementUrl"],
-        user,
-        password,
-        verify=not (spec.get("tls") or {}).get("insecureSkipVerify", False),
-    )
+    verify = not (spec.get("tls") or {}).get("insecureSkipVerify", False)
+    key = (spec["managementUrl"], user, password, verify)
+    api = _rabbit_clients.get(key)
+    if api is None:
+        for old in [k for k in _rabbit_clients if k[0] == key[0]]:  # credentials rotated: drop the old one
+            await _rabbit_clients.pop(old).aclose()
+        api = _rabbit_clients[key] = rabbit.RabbitAdmin(spec["managementUrl"], user, password, verify=verify)
+    return api
 
 
 def _rabbit_error(exc: BaseException, where: str) -> NotReady:

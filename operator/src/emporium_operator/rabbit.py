@@ -172,6 +172,9 @@ class RabbitAdmin:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """Clients are shared per server (one connection pool, one TLS context); aclose() ends them."""
+
+    async def aclose(self) -> None:
         await self.client.aclose()
 
     async def _call(
