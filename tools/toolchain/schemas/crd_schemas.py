@@ -25,10 +25,11 @@ from pathlib import Path
 
 import yaml
 
-# Modules on the Go module proxy and the CRD files inside them. istio.io/api carries the same CRDs as
-# istio.io/istio's manifests/charts/base (its 1.30 line is what the 1.30.3 control plane serves).
+# Modules on the Go module proxy and the CRD files inside them. Istio's tags have no "v", so the proxy
+# only serves pseudo-versions: this is the release-1.30 commit after 1.30.3 that
+# tools/toolchain/istio pins for istiod (ISTIO_VERSION in versions.env), i.e. the CRDs istio/base installs.
 MODULES = {
-    "istio.io/api@v1.30.8": ["kubernetes/customresourcedefinitions.gen.yaml"],
+    "istio.io/istio@v0.0.0-20260826214018-9739e10eb9d7": ["manifests/charts/base/files/crd-all.gen.yaml"],
     "github.com/prometheus-operator/prometheus-operator@v0.85.0": [
         f"example/prometheus-operator-crd/monitoring.coreos.com_{name}.yaml"
         for name in (
@@ -45,7 +46,7 @@ MODULES = {
         )
     ],
 }
-CACHE_KEY = "istio-api-1.30.8_prometheus-operator-0.85.0_v1"
+CACHE_KEY = "istio-20260826214018-9739e10eb9d7_prometheus-operator-0.85.0_v1"
 
 
 class _Loader(yaml.SafeLoader):
