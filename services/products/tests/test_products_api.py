@@ -157,3 +157,19 @@ async def test_name_search_escapes_wildcards(client, admin):
 )
 async def test_bad_list_params_are_422(client, params):
     assert (await client.get("/products", params=params)).status_code == 422
+
+
+async def test_database_down_is_503(tokens):
+    from emporium_common import testing
+    from emporium_products.config import ProductsSettings
+    from emporium_products.main import build_app
+    from emporium_testbed.process import free_port
+
+    app = build_app(
+        ProductsSettings(database_url=f"postgresql://u:p@127.0.0.1:{free_port()}/nope"),
+        token_verifier=tokens.verifier(),
+    )
+    async with testing.app_client(app) as client:
+        response = await client.get("/products")
+    await app.state.engine.dispose()
+    assert response.status_code == 503 and response.json()["detail"] == "Database unavailable"

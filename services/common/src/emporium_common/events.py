@@ -194,6 +194,29 @@ def delivery_attempt(message: AbstractIncomingMessage) -> int:
 Handler = Callable[[Envelope], Awaitable[None]]
 
 
+def _consumer_span(envelope: Envelope, queue: str, attempt: int) -> contextlib.AbstractContextManager[Any]:
+    """A consumer span continuing the publisher's trace (the envelope's traceparent), when tracing is on."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.propagate import extract
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    parent = extract({"traceparent": envelope.traceparent}) if envelope.traceparent else None
+    return trace.get_tracer("emporium.events").start_as_current_span(
+        f"{queue} process",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "rabbitmq",
+            "messaging.destination.name": queue,
+            "messaging.message.id": str(envelope.id),
+            "emporium.event.type": envelope.type,
+            "emporium.event.attempt": attempt,
+            "emporium.correlation_id": envelope.correlation_id or "",
+        },
+    )
+
+
 def _resolver(future: asyncio.Future[None]) -> Callable[..., None]:
     def resolve(*_: Any) -> None:
         if not future.done():
@@ -244,7 +267,10 @@ class EventConsumer:
             return
         attempt = delivery_attempt(message)
         try:
-            with EVENT_HANDLING_SECONDS.labels(self.queue_name, envelope.type).time():
+            with (
+                _consumer_span(envelope, self.queue_name, attempt),
+                EVENT_HANDLING_SECONDS.labels(self.queue_name, envelope.type).time(),
+            ):
                 await self.handler(envelope)
         except PermanentEventError as exc:
             log.warning(

@@ -13,6 +13,7 @@ from emporium_common.outbox import OutboxRelay
 from fastapi import FastAPI
 
 from .config import OrdersSettings
+from .db_errors import install_db_error_handlers
 from .products_client import ProductsClient
 from .routes import router
 
@@ -53,4 +54,5 @@ def build_app(
         timeout=settings.products_timeout_seconds,
         transport=products_transport,
     )
+    install_db_error_handlers(app)
     return app

@@ -6,6 +6,7 @@ from emporium_common import TokenVerifier, create_app
 from fastapi import FastAPI
 
 from .config import ProductsSettings
+from .db_errors import install_db_error_handlers
 from .routes import internal_router, router
 
 
@@ -13,6 +14,8 @@ def build_app(
     settings: ProductsSettings | None = None, *, token_verifier: TokenVerifier | None = None
 ) -> FastAPI:
     settings = settings or ProductsSettings()
-    return create_app(
+    app = create_app(
         settings, [router, internal_router], title="Emporium products", token_verifier=token_verifier
     )
+    install_db_error_handlers(app)
+    return app
