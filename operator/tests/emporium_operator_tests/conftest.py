@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# Short timers for tests: read when emporium_operator.main is first imported.
+# Short timers for tests: read when emporium_operator.main is first imported (only the operator reads them).
 os.environ.setdefault("EMPORIUM_RECONCILE_INTERVAL", "4")
 os.environ.setdefault("EMPORIUM_TIMER_IDLE", "1")
 os.environ.setdefault("EMPORIUM_RETRY_DELAY", "2")
@@ -28,7 +28,6 @@ def _free_port() -> int:
 
 
 METRICS_PORT = _free_port()
-os.environ["METRICS_PORT"] = str(METRICS_PORT)
 
 import pytest  # noqa: E402
 from kopf.testing import KopfRunner  # noqa: E402
@@ -167,13 +166,24 @@ async def wait_gone(kube: Kube, ns: str, kind: str, name: str, within: float = 3
 
 
 @pytest.fixture(scope="session")
-def kube(control_plane) -> Kube:
-    os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)
+def kube(control_plane) -> Iterator[Kube]:
     k = Kube(control_plane.kubeconfig)
     k.kubectl("apply", "--server-side", "-f", str(CRDS))
     for plural in PLURALS.values():
         k.kubectl("wait", "--for=condition=Established", f"crd/{plural}.{GROUP}", "--timeout=30s")
-    return k
+    # The in-process operator logs in with KUBECONFIG and serves metrics on METRICS_PORT; both are
+    # restored afterwards so other parts' tests in the same session see the environment they expect.
+    saved = {key: os.environ.get(key) for key in ("KUBECONFIG", "METRICS_PORT")}
+    os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)
+    os.environ["METRICS_PORT"] = str(METRICS_PORT)
+    try:
+        yield k
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def new_namespace(kube: Kube, prefix: str) -> str:

@@ -126,3 +126,23 @@ async def test_server_unreachable_then_back(kube, env, postgres):
     await kube.wait_gone(ns, PG_DB, "orphan")
     kube.delete(ns, PG_DB, "stranded")
     await kube.wait_gone(ns, PG_DB, "stranded")
+
+
+async def test_broker_unreachable_then_back(kube, env, rabbitmq):
+    ns = env["ns"]
+    kube.create(ns, "RabbitVhost", "outage", {"serverRef": {"name": "rabbit"}, "name": f"outage-{ns}"})
+    await kube.wait_ready(ns, "RabbitVhost", "outage")
+    rabbitmq.stop()
+    try:
+        kube.create(
+            ns,
+            "RabbitTopology",
+            "outage",
+            {"serverRef": {"name": "rabbit"}, "vhost": f"outage-{ns}", "queues": [{"name": "outage.q"}]},
+        )
+        obj = await kube.wait_reason(ns, "RabbitTopology", "outage", "ServerUnreachable", within=30)
+        assert "management API" in kube.condition(obj)["message"]
+    finally:
+        rabbitmq.start()
+    await kube.wait_ready(ns, "RabbitTopology", "outage", within=60)
+    assert rabbitmq.api("GET", f"/api/queues/outage-{ns}/outage.q")["name"] == "outage.q"
