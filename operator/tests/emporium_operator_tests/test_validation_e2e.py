@@ -146,3 +146,32 @@ async def test_broker_unreachable_then_back(kube, env, rabbitmq):
         rabbitmq.start()
     await kube.wait_ready(ns, "RabbitTopology", "outage", within=60)
     assert rabbitmq.api("GET", f"/api/queues/outage-{ns}/outage.q")["name"] == "outage.q"
+
+
+async def test_hostile_names_are_quoted_not_executed(kube, env, postgres, rabbitmq):
+    import asyncpg
+
+    ns = env["ns"]
+    evil = 'we"ird; DROP DATABASE postgres; --'
+    kube.create(ns, PG_DB, "evil", {"serverRef": {"name": "pg"}, "databaseName": evil, "owner": "o'wner\"x"})
+    await kube.wait_ready(ns, PG_DB, "evil")
+    assert (
+        postgres.psql(
+            "SELECT count(*) FROM pg_database WHERE datname IN ('postgres', 'we\"ird; DROP DATABASE "
+            "postgres; --')"
+        )
+        == "2"
+    )
+    secret = kube.secret(ns, "evil-db")
+    assert secret["dbname"] == evil
+    conn = await asyncpg.connect(secret["uri"])
+    try:
+        assert await conn.fetchval("SELECT current_database()") == evil
+        assert await conn.fetchval("SELECT current_user") == "o'wner\"x"
+    finally:
+        await conn.close()
+    # A vhost name with a slash stays one path segment of the management API.
+    kube.create(ns, "RabbitVhost", "slash", {"serverRef": {"name": "rabbit"}, "name": f"../{ns}/x"})
+    await kube.wait_ready(ns, "RabbitVhost", "slash")
+    names = [v["name"] for v in rabbitmq.api("GET", "/api/vhosts")]
+    assert f"../{ns}/x" in names
