@@ -51,9 +51,21 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (test runners swap it), not the one seen at setup."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", service: str = "emporium") -> None:
     """Route the root logger (and uvicorn's) to JSON lines on stdout. Safe to call more than once."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(JSONFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]

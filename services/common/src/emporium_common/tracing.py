@@ -6,6 +6,8 @@ Incoming ``traceparent`` headers are honoured by the FastAPI instrumentation: sp
 
 from __future__ import annotations
 
+import sys
+
 from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -17,9 +19,19 @@ from .config import Settings
 _provider: TracerProvider | None = None
 
 
+class _Stdout:
+    """sys.stdout as it is at write time (test runners swap it; the exporter outlives any one of them)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def _exporter(settings: Settings) -> SpanExporter | None:
     if settings.otel_traces_exporter == "console":
-        return ConsoleSpanExporter()
+        return ConsoleSpanExporter(out=_Stdout())
     if settings.otel_traces_exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

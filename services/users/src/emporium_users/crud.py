@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -19,11 +20,9 @@ class DuplicateUser(Exception):
 
 
 async def create_user(*, session: AsyncSession, user_create: UserCreate, role: Role = Role.customer) -> User:
+    hashed_password = await asyncio.to_thread(hash_password, user_create.password)  # CPU-bound: off the loop
     user = User(
-        email=user_create.email,
-        username=user_create.username,
-        hashed_password=hash_password(user_create.password),
-        role=role,
+        email=user_create.email, username=user_create.username, hashed_password=hashed_password, role=role
     )
     session.add(user)
     try:

@@ -1,0 +1,56 @@
+"""JSON log lines carry the request id (and the trace id once tracing is on)."""
+
+import json
+
+from emporium_common import Settings, create_app, testing
+from emporium_common.tracing import setup_tracing
+from fastapi import APIRouter, FastAPI
+
+router = APIRouter()
+
+
+@router.get("/hello/{name}")
+async def hello(name: str) -> dict:
+    return {"hello": name}
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
+async def test_access_log_is_json_with_request_id(common_database_url, capsys):
+    app = create_app(Settings(service_name="logdemo", database_url=common_database_url), [router])
+    async with testing.app_client(app) as client:
+        await client.get("/hello/ada", headers={"X-Request-ID": "req-42"})
+        await client.get("/healthz")  # probes are not logged
+    lines = [e for e in _json_lines(capsys.readouterr().out) if e.get("logger") == "emporium.access"]
+    assert len(lines) == 1
+    entry = lines[0]
+    assert entry["request_id"] == "req-42"
+    assert entry["service"] == "logdemo"
+    assert entry["route"] == "/hello/{name}" and entry["status"] == 200 and entry["level"] == "INFO"
+    assert entry["duration_ms"] >= 0
+
+
+def test_tracing_is_off_by_default(common_database_url):
+    assert not setup_tracing(FastAPI(), Settings(database_url=common_database_url))
+
+
+async def test_console_tracing_adds_trace_ids_to_logs(common_database_url, capsys):
+    settings = Settings(
+        service_name="tracedemo", database_url=common_database_url, otel_traces_exporter="console"
+    )
+    app = create_app(settings, [router])
+    async with testing.app_client(app) as client:
+        traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        response = await client.get("/hello/ada", headers={"traceparent": traceparent})
+        assert response.status_code == 200
+    lines = [e for e in _json_lines(capsys.readouterr().out) if e.get("logger") == "emporium.access"]
+    # The incoming trace is continued, so logs and spans join the caller's trace.
+    assert lines and lines[0]["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
