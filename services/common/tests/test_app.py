@@ -95,6 +95,11 @@ async def test_readiness_503_when_database_is_down(postgres):
         health = await client.get("/health")
         assert health.status_code == 503
         assert health.json()["checks"]["database"]["status"] == "down"
+        # A request needing the database is a retryable 503, not a 500.
+        response = await client.get("/db")
+        assert response.status_code == 503
+        assert response.json()["code"] == "service_unavailable"
+        assert response.headers["retry-after"] == "1"
 
 
 async def test_readiness_checks_the_broker_when_asked(common_database_url, rabbitmq):

@@ -1,7 +1,7 @@
 """One error shape for every service: ``{"detail": ..., "code": ..., "request_id": ...}``.
 
-422 for validation errors (bad JSON included), the HTTPException's own status otherwise, and a logged,
-generic 500 for anything unexpected (never the exception text).
+422 for validation errors (bad JSON included), the HTTPException's own status otherwise, 503 when the
+database cannot be reached, and a logged, generic 500 for anything unexpected (never the exception text).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .request_id import get_request_id
@@ -83,6 +84,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, _validation_details(exc))
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Not the caller's fault and likely temporary: 503 says "retry", a 500 would say "bug".
+    log.warning("database unavailable: %r", exc)
+    return error_response(503, "Database unavailable", "service_unavailable", {"Retry-After": "1"})
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", extra={"path": request.url.path, "method": request.method})
     return error_response(500, "Internal server error")
@@ -92,4 +99,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for exc_type in (OperationalError, InterfaceError, ConnectionError, TimeoutError):
+        app.add_exception_handler(exc_type, _database_unavailable)
     app.add_exception_handler(Exception, _unhandled)
