@@ -175,3 +175,43 @@ async def test_hostile_names_are_quoted_not_executed(kube, env, postgres, rabbit
     await kube.wait_ready(ns, "RabbitVhost", "slash")
     names = [v["name"] for v in rabbitmq.api("GET", "/api/vhosts")]
     assert f"../{ns}/x" in names
+
+
+async def test_server_objects_update_and_delete(kube, env, postgres, rabbitmq):
+    ns = env["ns"]
+    closed = kube.free_port()
+    kube.create(
+        ns,
+        "PostgresServer",
+        "pg2",
+        {
+            "host": postgres.host,
+            "port": postgres.port,
+            "sslMode": "disable",
+            "adminSecretRef": {"name": "pg-admin"},
+        },
+    )
+    kube.create(
+        ns,
+        "RabbitServer",
+        "rabbit2",
+        {
+            "managementUrl": rabbitmq.management_url,
+            "amqpHost": "x",
+            "adminSecretRef": {"name": "rabbit-admin"},
+        },
+    )
+    await kube.wait_ready(ns, "PostgresServer", "pg2")
+    await kube.wait_ready(ns, "RabbitServer", "rabbit2")
+    kube.patch_spec(ns, "PostgresServer", "pg2", {"port": closed})
+    kube.patch_spec(ns, "RabbitServer", "rabbit2", {"managementUrl": f"http://127.0.0.1:{closed}"})
+    await kube.wait_reason(ns, "PostgresServer", "pg2", "ServerUnreachable")
+    await kube.wait_reason(ns, "RabbitServer", "rabbit2", "ServerUnreachable")
+    kube.patch_spec(ns, "PostgresServer", "pg2", {"port": postgres.port})
+    kube.patch_spec(ns, "RabbitServer", "rabbit2", {"managementUrl": rabbitmq.management_url})
+    await kube.wait_ready(ns, "PostgresServer", "pg2", within=40)
+    await kube.wait_ready(ns, "RabbitServer", "rabbit2", within=40)
+    kube.delete(ns, "PostgresServer", "pg2")
+    kube.delete(ns, "RabbitServer", "rabbit2")
+    await kube.wait_gone(ns, "PostgresServer", "pg2")
+    await kube.wait_gone(ns, "RabbitServer", "rabbit2")
