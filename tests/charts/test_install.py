@@ -12,11 +12,13 @@ import secrets
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from emporium_testbed.process import free_port
 from emporium_testbed.toolchain import tool
 
 from .conftest import SERVICES, crd_schemas, helm_args_for, parse, run, skaffold_profiles
@@ -233,7 +235,10 @@ def test_migration_hooks_are_accepted(installed) -> None:
     assert out.count("created (server dry run)") == len(jobs)
 
 
-def test_operator_makes_the_chart_resources_ready(installed) -> None:
+def wait_until_ready(installed) -> None:
+    """Until the operator has made every PostgresDatabase, RabbitVhost and RabbitTopology Ready."""
+    if installed.get("ready"):
+        return
     cluster, ns, operator = installed["cluster"], installed["ns"], installed["operator"]
     deadline = time.monotonic() + 150
     pending: list[str] = []
@@ -248,6 +253,12 @@ def test_operator_makes_the_chart_resources_ready(installed) -> None:
             break
         time.sleep(1)
     assert not pending, "\n".join(pending) + "\n" + installed["log"].read_text()[-4000:]
+    installed["ready"] = True
+
+
+def test_operator_makes_the_chart_resources_ready(installed) -> None:
+    wait_until_ready(installed)
+    cluster, ns = installed["cluster"], installed["ns"]
     counts = {
         k: len(json.loads(cluster.kubectl("get", p, "-n", ns, "-o", "json"))["items"])
         for k, p in READY_KINDS.items()
@@ -257,7 +268,7 @@ def test_operator_makes_the_chart_resources_ready(installed) -> None:
 
 def test_every_referenced_secret_exists_with_its_keys(installed) -> None:
     """After the operator: each Secret a Deployment or a migration Job reads, with each key it reads."""
-    test_operator_makes_the_chart_resources_ready(installed)
+    wait_until_ready(installed)
     cluster, ns = installed["cluster"], installed["ns"]
     objects = parse(cluster.helm("get", "manifest", "emporium", "-n", ns))
     objects += parse(cluster.helm("get", "hooks", "emporium", "-n", ns))
@@ -308,3 +319,93 @@ def test_upgrade_keeps_generated_secrets(installed) -> None:
         *installed["values"],
     )
     assert {name: cluster.secret(name, ns) for name in names} == before
+
+
+def resolved_env(cluster: Cluster, ns: str, container: dict, overrides: dict[str, str]) -> dict[str, str]:
+    """A container's environment as the kubelet would build it (values and Secret keys)."""
+    env = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = cluster.secret(ref["name"], ns)[ref["key"]]
+    return {**env, **overrides}
+
+
+def _local(command: list[str]) -> list[str]:
+    assert command[:2] == ["python", "-m"], command
+    return [sys.executable, *command[1:]]
+
+
+def test_services_run_with_the_wiring_the_charts_give_them(installed, tmp_path) -> None:
+    """Each service's migration Job command and Deployment command, run here with the environment the
+    charts give them (Secrets resolved from the cluster): the migration succeeds on the database the
+    operator made, and the service is ready on it; users signs with the chart's generated keys."""
+    wait_until_ready(installed)
+    cluster, ns = installed["cluster"], installed["ns"]
+    objects = parse(cluster.helm("get", "manifest", "emporium", "-n", ns))
+    objects += parse(cluster.helm("get", "hooks", "emporium", "-n", ns))
+    workloads = {
+        (o["kind"], o["metadata"]["name"]): o["spec"]["template"]["spec"]
+        for o in objects
+        if o["kind"] in ("Deployment", "Job")
+    }
+    keys_dir = tmp_path / "jwt-keys"  # the users-jwt-keys volume, as the kubelet would mount it
+    keys_dir.mkdir()
+    for name, pem in cluster.secret("users-jwt-keys", ns).items():
+        (keys_dir / name).write_text(pem)
+    overrides = {"JWT_KEYS_DIR": str(keys_dir), "LOG_LEVEL": "WARNING"}
+    procs = []
+    try:
+        ports = {}
+        for svc in SERVICES:
+            job = workloads[("Job", f"{svc}-migrate")]["containers"][0]
+            migrate = subprocess.run(
+                _local(job["command"]),
+                env={**os.environ, **resolved_env(cluster, ns, job, overrides)},
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert migrate.returncode == 0, f"{svc} migrate:\n{migrate.stdout}\n{migrate.stderr}"
+            deployment = workloads[("Deployment", svc)]["containers"][0]
+            ports[svc] = free_port()
+            env = resolved_env(cluster, ns, deployment, {**overrides, "PORT": str(ports[svc])})
+            log = tmp_path / f"{svc}.log"
+            procs.append(
+                subprocess.Popen(
+                    _local(deployment["command"]),
+                    env={**os.environ, **env},
+                    cwd=tmp_path,
+                    stdout=log.open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        for (svc, port), proc in zip(ports.items(), procs, strict=True):
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, (tmp_path / f"{svc}.log").read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as response:
+                        assert response.status == 200
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, (tmp_path / f"{svc}.log").read_text()[-3000:]
+                    time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['products']}/products", timeout=5) as response:
+            assert response.status == 200  # the migrated schema is there
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{ports['users']}/.well-known/jwks.json", timeout=5
+        ) as response:
+            keys = json.loads(response.read())["keys"]
+        assert len(keys) == 2 and {k["alg"] for k in keys} == {"ES256"}  # current.pem and next.pem
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
