@@ -16,8 +16,8 @@ from emporium_common import (
     require_role,
     testing,
 )
-from emporium_common.auth import RemoteKeySet, StaticKeySet, TokenVerifier
-from fastapi import APIRouter, Depends, FastAPI
+from emporium_common.auth import InvalidToken, RemoteKeySet, StaticKeySet, TokenVerifier
+from fastapi import APIRouter, Depends, FastAPI, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
@@ -316,3 +316,40 @@ async def test_static_key_set_accepts_rsa_keys():
     claims = {"iss": "i", "aud": "a", "sub": "5", "iat": now, "nbf": now, "exp": now + 60, "jti": "x"}
     token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "r1"})
     assert (await verifier.verify(token)).sub == "5"
+
+
+async def test_remote_key_set_keeps_cached_keys_when_the_issuer_is_down():
+    issuer = testing.TokenFactory()
+    state = {"up": True}
+    jwks_app = FastAPI()
+
+    @jwks_app.get("/jwks")
+    def jwks(response: Response) -> dict:
+        if not state["up"]:
+            response.status_code = 503
+            return {}
+        return issuer.jwks
+
+    keys = RemoteKeySet(
+        "http://users/jwks",
+        cache_seconds=0,
+        min_refresh_seconds=0,
+        transport=httpx.ASGITransport(app=jwks_app),
+    )
+    verifier = TokenVerifier(keys, issuer=issuer.issuer, audience=issuer.audience)
+    assert (await verifier.verify(issuer.token("1"))).sub == "1"
+    state["up"] = False
+    assert (await verifier.verify(issuer.token("2"))).sub == "2"
+
+
+async def test_remote_key_set_without_any_keys_rejects_tokens():
+    jwks_app = FastAPI()
+
+    @jwks_app.get("/jwks")
+    def jwks() -> dict:
+        return {"not": "a key set"}
+
+    keys = RemoteKeySet("http://users/jwks", transport=httpx.ASGITransport(app=jwks_app))
+    verifier = TokenVerifier(keys, issuer=tokens.issuer, audience=tokens.audience)
+    with pytest.raises(InvalidToken):
+        await verifier.verify(tokens.token())

@@ -75,7 +75,8 @@ class RemoteKeySet(KeySource):
     """A JWKS fetched over HTTP and cached for ``cache_seconds``.
 
     An unknown kid triggers one refetch (a new key was published), but at most every ``min_refresh_seconds``,
-    so tokens with made-up kids cannot turn this service into a load generator against the issuer.
+    so tokens with made-up kids cannot turn this service into a load generator against the issuer. When a
+    refresh fails, the cached key set stays in use.
     """
 
     def __init__(
@@ -108,7 +109,15 @@ class RemoteKeySet(KeySource):
             stale = self._jwks is None or age > self.cache_seconds
             unknown_kid = self._jwks is not None and _find_key(self._jwks, kid) is None
             if stale or (unknown_kid and age > self.min_refresh_seconds):
-                await self._refresh()
+                try:
+                    await self._refresh()
+                except (httpx.HTTPError, ValueError, InvalidToken) as exc:
+                    if self._jwks is None:
+                        raise
+                    # The issuer is down: keep verifying with the keys we have (they were valid minutes
+                    # ago) and try again after min_refresh_seconds rather than on every request.
+                    log.warning("JWKS refresh failed, using the cached key set: %r", exc)
+                    self._fetched_at = time.monotonic() - self.cache_seconds + self.min_refresh_seconds
             return _find_key(self._jwks or {}, kid)
 
 
