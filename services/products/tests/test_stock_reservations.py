@@ -113,3 +113,25 @@ async def test_concurrent_reservations_never_oversell(products_app, admin):
         codes = [r.status_code for r in results]
         assert codes.count(201) == 10 and codes.count(409) == 30
         assert await stock_of(live, product["id"]) == 0
+
+
+async def test_released_reservation_can_be_reserved_again_and_stale_ones_are_listed(live, admin):
+    product = await new_product(live, admin, stock=5)
+    lines = [{"product_id": product["id"], "quantity": 2}]
+    rid = uuid.uuid4().hex
+    assert (await reserve(live, lines, rid)).status_code == 201
+    stale = await live.get("/internal/stock/reservations", params={"older_than_seconds": 0}, headers=INTERNAL)
+    assert rid in {r["reservation_id"] for r in stale.json()}
+    fresh = await live.get(
+        "/internal/stock/reservations", params={"older_than_seconds": 3600}, headers=INTERNAL
+    )
+    assert rid not in {r["reservation_id"] for r in fresh.json()}
+    assert (await live.get("/internal/stock/reservations")).status_code == 403
+
+    await live.post(f"/internal/stock/reservations/{rid}/release", headers=INTERNAL)
+    assert await stock_of(live, product["id"]) == 5
+    again = await reserve(live, lines, rid)
+    assert again.status_code == 200 and again.json()["status"] == "reserved"
+    assert await stock_of(live, product["id"]) == 3
+    assert (await reserve(live, lines, rid)).status_code == 200
+    assert await stock_of(live, product["id"]) == 3

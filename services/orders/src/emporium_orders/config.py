@@ -14,6 +14,9 @@ class OrdersSettings(Settings):
     # The outbox relay runs inside the service (one per replica; SKIP LOCKED makes that safe).
     outbox_relay: bool = True
     outbox_poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    # Orphaned reservations (no order after the grace period) are released; 0 disables the reaper.
+    reservation_reaper_seconds: float = Field(default=60, ge=0, le=3600)
+    reservation_grace_seconds: int = Field(default=300, ge=30, le=86400)
 
     @model_validator(mode="after")
     def _internal_token_in_production(self):

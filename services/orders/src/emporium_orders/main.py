@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from .config import OrdersSettings
 from .db_errors import install_db_error_handlers
 from .products_client import ProductsClient
+from .reaper import ReservationReaper
 from .routes import router
 
 
@@ -35,9 +36,22 @@ def build_app(
             )
             app.state.relay = relay
             relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+        reaper_task = None
+        if settings.reservation_reaper_seconds:
+            reaper = ReservationReaper(
+                app.state.engine,
+                app.state.products,
+                grace_seconds=settings.reservation_grace_seconds,
+                interval_seconds=settings.reservation_reaper_seconds,
+            )
+            reaper_task = asyncio.create_task(reaper.run(), name="reservation-reaper")
         try:
             yield
         finally:
+            if reaper_task is not None:
+                reaper.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(reaper_task, 10)
             if relay_task is not None:
                 app.state.relay.stop()
                 with contextlib.suppress(Exception):

@@ -78,3 +78,15 @@ class ProductsClient:
             return
         log.error("products service answered %s to a release: %s", response.status_code, response.text[:300])
         raise AppError(503, "Product service unavailable", "service_unavailable")
+
+    async def stale_reservations(self, older_than_seconds: int, after: str | None, limit: int) -> list[dict]:
+        params: dict[str, Any] = {"older_than_seconds": older_than_seconds, "limit": limit}
+        if after:
+            params["after"] = after
+        try:
+            response = await self._client.get("/internal/stock/reservations", params=params)
+        except httpx.HTTPError as exc:
+            raise AppError(503, "Product service unavailable", "service_unavailable") from exc
+        if response.status_code != 200:
+            raise AppError(503, "Product service unavailable", "service_unavailable")
+        return response.json()

@@ -50,9 +50,16 @@ def upgrade() -> None:
         sa.Column("status", sa.String(20), nullable=False),
         sa.Column("lines", JSONB, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column("reserved_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.Column("released_at", sa.DateTime(timezone=True)),
         sa.PrimaryKeyConstraint("id", name="pk_stock_reservations"),
         sa.CheckConstraint("status IN ('reserved', 'released')", name="ck_stock_reservations_status"),
+    )
+    op.create_index(
+        "ix_stock_reservations_reserved_at",
+        "stock_reservations",
+        ["reserved_at"],
+        postgresql_where=sa.text("status = 'reserved'"),
     )
 
 

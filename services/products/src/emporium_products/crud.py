@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -106,16 +107,23 @@ async def reserve_stock(
             .returning(StockReservation.__table__.c.id)  # type: ignore[attr-defined]
         )
     ).first()
+    reactivate = False
     if inserted is None:
-        await session.rollback()
-        existing = await session.get(StockReservation, reservation_id)
-        if existing is None:  # pragma: no cover - released rows are never deleted
+        existing = (
+            await session.exec(
+                select(StockReservation).where(col(StockReservation.id) == reservation_id).with_for_update()
+            )
+        ).first()
+        if existing is None:  # pragma: no cover - reservation rows are never deleted
             raise AppError(409, "Reservation conflict, retry")
-        requested = {pid: qty for pid, qty in merged.items()}
         stored = {int(line["product_id"]): int(line["quantity"]) for line in existing.lines}
-        if requested != stored:
+        if merged != stored:
+            await session.rollback()
             raise AppError(409, "Reservation id already used for different lines")
-        return existing, False
+        if existing.status == "reserved":
+            return existing, False  # the session's end releases the row lock
+        # Released (its order was never stored, or a reaper gave the stock back): reserve it again.
+        reactivate = True
 
     ids = sorted(merged)
     products = {
@@ -162,13 +170,15 @@ async def reserve_stock(
             await session.rollback()
             raise AppError(409, f"Insufficient stock for product {line['product_id']}", "insufficient_stock")
     await session.exec(
-        sa.update(StockReservation).where(col(StockReservation.id) == reservation_id).values(lines=reserved)
+        sa.update(StockReservation)
+        .where(col(StockReservation.id) == reservation_id)
+        .values(lines=reserved, status="reserved", reserved_at=sa.func.now(), released_at=None)
     )
     await session.commit()
     reservation = await session.get(StockReservation, reservation_id)
     assert reservation is not None
     await session.refresh(reservation)
-    return reservation, True
+    return reservation, not reactivate
 
 
 async def release_stock(session: AsyncSession, reservation_id: str) -> StockReservation:
@@ -204,3 +214,21 @@ def reservation_public(reservation: StockReservation) -> dict[str, Any]:
         "status": reservation.status,
         "lines": [{**line, "price": Decimal(str(line["price"]))} for line in reservation.lines],
     }
+
+
+async def stale_reservations(
+    session: AsyncSession, older_than_seconds: int, after: datetime | None, limit: int
+) -> list[StockReservation]:
+    """Reservations still holding stock after ``older_than_seconds``, reserved after ``after`` (a cursor),
+    oldest first: the orders reaper releases those that never became an order."""
+    conditions = [
+        col(StockReservation.status) == "reserved",
+        col(StockReservation.reserved_at)
+        < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds),
+    ]
+    if after is not None:
+        conditions.append(col(StockReservation.reserved_at) > after)
+    query = (
+        select(StockReservation).where(*conditions).order_by(col(StockReservation.reserved_at)).limit(limit)
+    )
+    return list((await session.exec(query)).all())

@@ -82,6 +82,10 @@ class StockReservation(SQLModel, table=True):
         default=None,
         sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     )
+    reserved_at: datetime | None = SQLField(
+        default=None,
+        sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    )
     released_at: datetime | None = SQLField(default=None, sa_column=sa.Column(sa.DateTime(timezone=True)))
 
 
@@ -182,3 +186,9 @@ class ReservationPublic(BaseModel):
     reservation_id: str
     status: str
     lines: list[ReservedLine]
+
+
+class ReservationSummary(BaseModel):
+    reservation_id: str
+    status: str
+    reserved_at: datetime

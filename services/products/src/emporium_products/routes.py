@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from emporium_common import AppError, ErrorResponse, SessionDep, require_role
@@ -18,6 +19,7 @@ from .models import (
     ProductUpdate,
     ReservationPublic,
     ReservationRequest,
+    ReservationSummary,
     SortBy,
     StockUpdate,
 )
@@ -154,3 +156,22 @@ async def release(
 ) -> dict:
     """Return a reservation's stock (idempotent)."""
     return crud.reservation_public(await crud.release_stock(session, reservation_id))
+
+
+@internal_router.get("/reservations", response_model=list[ReservationSummary])
+async def list_stale_reservations(
+    session: SessionDep,
+    older_than_seconds: Annotated[int, Query(ge=0, le=30 * 24 * 3600)] = 300,
+    after: Annotated[
+        datetime | None, Query(description="Cursor: only reservations made after this time")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[ReservationSummary]:
+    """Reservations still holding stock after ``older_than_seconds`` (the orders reaper releases those
+    that never became an order)."""
+    if after is not None and after.tzinfo is None:
+        after = after.replace(tzinfo=UTC)
+    return [
+        ReservationSummary(reservation_id=r.id, status=r.status, reserved_at=r.reserved_at)  # type: ignore[arg-type]
+        for r in await crud.stale_reservations(session, older_than_seconds, after, limit)
+    ]
