@@ -2,6 +2,7 @@
 
 import asyncio
 
+import pytest
 from emporium_common import testing
 from emporium_users import __main__ as cli
 from emporium_users.keys import KeyRing, generate_local_keys
@@ -29,3 +30,31 @@ def test_rotate_keys(tmp_path, monkeypatch):
     assert after.current.kid == nxt  # next became current
     assert kids[0] == nxt and kids[2] == current and len(set(kids)) == 3  # old current is now previous
     assert oct((tmp_path / "current.pem").stat().st_mode & 0o777) == "0o600"
+
+
+def test_production_needs_mounted_keys(tmp_path):
+    from emporium_users.config import UsersSettings
+    from emporium_users.main import build_app
+
+    settings = UsersSettings(
+        environment="production",
+        database_url="postgresql://users_owner:Zr8s2k1x9Qw@db.emporium.svc:5432/users",
+        jwt_keys_dir=tmp_path / "mounted",
+    )
+    # Never generated in production: tokens signed by a key nobody published would be useless.
+    with pytest.raises(FileNotFoundError):
+        build_app(settings)
+    assert not (tmp_path / "mounted").exists()
+
+
+def test_production_refuses_a_weak_admin_password():
+    from emporium_users.config import UsersSettings
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="ADMIN_PASSWORD"):
+        UsersSettings(
+            environment="production",
+            database_url="postgresql://users_owner:Zr8s2k1x9Qw@db.emporium.svc:5432/users",
+            admin_email="root@example.com",
+            admin_password="short-pw",
+        )
