@@ -30,11 +30,11 @@ def test_scram_verifier_round_trip():
 
 
 def test_plan_fresh_database_creates_everything_in_order():
-    desired = postgres.DesiredDatabase("orders", "orders_owner", "pw", ("citext",))
+    desired = postgres.DesiredDatabase("orders", "orders_owner", "not-in-base64", ("citext",))
     steps = postgres.plan(postgres.ObservedDatabase(), desired)
     assert [s.obj for s in steps] == ["role", "database", "privileges", "schema", "schema", "extension"]
     assert steps[0].sql.startswith('CREATE ROLE "orders_owner" LOGIN')
-    assert "pw" not in steps[0].sql  # only the SCRAM verifier travels
+    assert "not-in-base64" not in steps[0].sql  # only the SCRAM verifier travels ('-' is not base64)
     assert steps[1].sql == 'CREATE DATABASE "orders" OWNER "orders_owner"'
     assert steps[3].dbname == "orders" and steps[3].sql == 'ALTER SCHEMA public OWNER TO "orders_owner"'
     assert steps[5].sql == 'CREATE EXTENSION IF NOT EXISTS "citext"'
