@@ -32,6 +32,8 @@ async def get_current_user(principal: CurrentPrincipal, session: SessionDep) -> 
         user_id = int(principal.sub)
     except ValueError:
         raise unauthorized() from None
+    if not 0 < user_id < 2**31:  # the id column is an int4; anything else cannot be one of ours
+        raise unauthorized()
     user = await crud.get_user(session=session, user_id=user_id)
     if user is None or not user.is_active:
         raise unauthorized()

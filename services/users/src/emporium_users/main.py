@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,6 +11,7 @@ from contextlib import asynccontextmanager
 from emporium_common import create_app
 from emporium_common.auth import StaticKeySet, TokenVerifier
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import crud
 from .config import UsersSettings
@@ -22,6 +25,9 @@ def load_keys(settings: UsersSettings) -> KeyRing:
     if not (settings.jwt_keys_dir / "current.pem").exists() and not settings.is_production:
         generate_local_keys(settings.jwt_keys_dir)  # local runs: made once, kept in the directory
     return KeyRing(settings.jwt_keys_dir)
+
+
+ADMIN_RETRY_SECONDS = 5.0
 
 
 async def bootstrap_admin(app: FastAPI) -> None:
@@ -40,10 +46,27 @@ async def bootstrap_admin(app: FastAPI) -> None:
             log.warning("admin bootstrap: account not created (email or username already taken)")
 
 
+async def _bootstrap_admin_until_done(app: FastAPI) -> None:
+    # The database may come up after us: keep trying in the background instead of crash-looping the pod
+    # (readiness reports the database meanwhile).
+    while True:
+        try:
+            await bootstrap_admin(app)
+            return
+        except (OSError, SQLAlchemyError) as exc:
+            log.warning("admin bootstrap failed, retrying in %.0f s: %r", ADMIN_RETRY_SECONDS, exc)
+            await asyncio.sleep(ADMIN_RETRY_SECONDS)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await bootstrap_admin(app)
-    yield
+    task = asyncio.create_task(_bootstrap_admin_until_done(app))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def build_app(settings: UsersSettings | None = None, keys: KeyRing | None = None) -> FastAPI:
