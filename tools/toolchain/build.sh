@@ -29,7 +29,7 @@ version_of() {
     etcd) "$2" --version 2>/dev/null | awk '/etcd Version/ {print "v" $3}' ;;
     helm) "$2" version --template '{{.Version}}' 2>/dev/null ;;
     kubeconform) "$2" -v 2>/dev/null ;;
-    pilot-discovery | pilot-agent) "$2" version --short 2>/dev/null | head -1 ;;
+    pilot-discovery | pilot-agent) "$2" version --short 2>/dev/null | sed -n "s/^client version: //p" ;;
     skaffold) "$2" version 2>/dev/null ;;
   esac
 }
