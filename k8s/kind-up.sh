@@ -49,10 +49,8 @@ kc -n data rollout status statefulset/postgres --timeout=5m
 kc -n data rollout status statefulset/rabbitmq --timeout=5m
 kc -n mail rollout status deployment/mailpit --timeout=5m
 
-log "chart dependencies (the library chart, then the services for the umbrella chart)"
-for chart in users products orders notifications emporium; do
-  helm dependency build "$root/charts/$chart" >/dev/null
-done
+log "chart dependencies (the library and the four services, into the umbrella chart)"
+helm dependency build "$root/charts/emporium" >/dev/null
 
 log "operator CRDs, then the PostgresServer/RabbitServer objects (development credentials)"
 kc apply --server-side -f "$root/charts/emporium-operator/crds/"

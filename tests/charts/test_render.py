@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .conftest import (
     APP_CHARTS,
     CHARTS,
     INLINE_JWKS_ARGS,
+    NAMESPACE,
     SERVICES,
     helm_args_for,
     parse,
@@ -113,6 +115,18 @@ def test_label_values_are_valid(render, chart, args) -> None:
         for meta in [obj["metadata"], *templates]:
             for key, value in (meta.get("labels") or {}).items():
                 assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), f"{obj['kind']} {key}={value!r}"
+
+
+def test_umbrella_builds_from_a_fresh_checkout(helm: str, tmp_path: Path) -> None:
+    """`helm dependency build charts/emporium` alone suffices: the service charts' own charts/ folders
+    (gitignored) are never built in a fresh clone, so the umbrella must bring the library itself."""
+    fresh = tmp_path / "charts"
+    shutil.copytree(CHARTS, fresh, ignore=shutil.ignore_patterns("charts"))
+    for chart in fresh.iterdir():
+        assert not (chart / "charts").exists()
+    run([helm, "dependency", "build", str(fresh / "emporium")])
+    objects = parse(run([helm, "template", "emporium", str(fresh / "emporium"), "-n", NAMESPACE]).stdout)
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"} == set(SERVICES)
 
 
 def test_skaffold_profiles_cover_operator_and_platform() -> None:
