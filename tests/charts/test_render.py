@@ -19,6 +19,7 @@ from .conftest import (
     INLINE_JWKS_ARGS,
     NAMESPACE,
     SERVICES,
+    crd_schemas,
     helm_args_for,
     parse,
     run,
@@ -369,3 +370,59 @@ def test_kind_config_maps_gateway_nodeport_to_8080() -> None:
     assert gateway["service"]["type"] == "NodePort"
     assert mappings[node_ports["http2"]] == 8080
     assert gateway["labels"] == {"istio": "ingressgateway"}
+
+
+def test_istio_add_ons_render_with_our_values(helm, kubeconform, schema_locations, tmp_path) -> None:
+    """k8s/istio/*-values.yaml against Istio's own charts (same module version as the CRDs): the gateway
+    pods carry the label our policies select and a NodePort kind maps to :8080; istiod gets the path
+    normalisation and the JWKS fetch mode."""
+    charts = crd_schemas.istio_charts()
+    values = CHARTS.parent / "k8s" / "istio"
+    gateway = parse(
+        run(
+            [
+                helm,
+                "template",
+                "istio-ingressgateway",
+                str(charts / "gateway"),
+                "-n",
+                "istio-system",
+                "-f",
+                str(values / "gateway-values.yaml"),
+            ]
+        ).stdout
+    )
+    istiod = parse(
+        run(
+            [
+                helm,
+                "template",
+                "istiod",
+                str(charts / "istio-control" / "istio-discovery"),
+                "-n",
+                "istio-system",
+                "-f",
+                str(values / "istiod-values.yaml"),
+            ]
+        ).stdout
+    )
+    (deployment,) = [o for o in gateway if o["kind"] == "Deployment"]
+    assert deployment["spec"]["template"]["metadata"]["labels"]["istio"] == "ingressgateway"
+    (service,) = [o for o in gateway if o["kind"] == "Service"]
+    assert service["spec"]["type"] == "NodePort"
+    assert {p["nodePort"] for p in service["spec"]["ports"] if p["name"] == "http2"} == {30080}
+    mesh = yaml.safe_load(
+        next(o for o in istiod if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "istio")["data"][
+            "mesh"
+        ]
+    )
+    assert mesh["pathNormalization"]["normalization"] == "DECODE_AND_MERGE_SLASHES"
+    (pilot,) = [o for o in istiod if o["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in pilot["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PILOT_JWT_ENABLE_REMOTE_JWKS"] == "envoy"
+    path = tmp_path / "istio.yaml"
+    path.write_text(yaml.safe_dump_all(gateway + istiod))
+    cmd = [kubeconform, "-strict", "-summary"]
+    for location in schema_locations:
+        cmd += ["-schema-location", location]
+    assert "Invalid: 0, Errors: 0" in run([*cmd, str(path)]).stdout

@@ -131,6 +131,12 @@ def _module_dir(module: str) -> Path:
     return Path(json.loads(result.stdout)["Dir"])
 
 
+def istio_charts() -> Path:
+    """Istio's Helm charts (base, istiod, gateway) of the same module version, for rendering tests."""
+    (module,) = [m for m in MODULES if m.startswith("istio.io/istio@")]
+    return _module_dir(module) / "manifests" / "charts"
+
+
 def third_party_crd_files() -> list[Path]:
     """The CRD files of Istio and prometheus-operator (Go module cache; downloaded on first use)."""
     return [_module_dir(module) / f for module, files in MODULES.items() for f in files]
