@@ -142,7 +142,3 @@ class Token(SQLModel):
     token_type: str = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
     expires_in: int
     refresh_token: str
-
-
-class Message(SQLModel):
-    detail: str
