@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 
+import aio_pika
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -93,16 +94,32 @@ async def test_each_user_receives_only_their_own_order_events(stack, tokens, adm
 
 
 async def restart(rabbitmq, attempts: int = 3) -> None:
-    """Start the stopped node again (a busy machine can make one start attempt fail: try again)."""
+    """Start the stopped node again (a busy machine can make one start attempt fail: try again), then wait
+    until quorum queues work again, so tests after this one find a fully recovered broker."""
     for attempt in range(1, attempts + 1):
         try:
             await asyncio.to_thread(rabbitmq.start)
-            return
+            break
         except Exception:
             if attempt == attempts:
                 raise
             await asyncio.to_thread(rabbitmq.stop)
             await asyncio.sleep(2)
+    deadline = asyncio.get_running_loop().time() + 90
+    while True:
+        try:
+            connection = await aio_pika.connect(rabbitmq.amqp_url, timeout=5)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.declare_queue(
+                    f"readiness-{uuid.uuid4().hex[:8]}", durable=True, arguments={"x-queue-type": "quorum"}
+                )
+                await queue.delete(if_unused=False, if_empty=False)
+            return
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(1)
 
 
 @pytest.mark.slow
