@@ -195,6 +195,7 @@ def test_service_workloads(render) -> None:
         pod_labels = job_spec["template"]["metadata"]["labels"]
         assert not selector.items() <= pod_labels.items(), "the Service would send traffic to the Job"
         assert job_spec["parallelism"] == 1 and job_spec["completions"] == 1
+        assert job_spec["podReplacementPolicy"] == "Failed"
         assert job_spec["template"]["spec"]["containers"][0]["command"] == [
             "python",
             "-m",

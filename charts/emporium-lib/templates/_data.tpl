@@ -75,6 +75,8 @@ metadata:
 spec:
   parallelism: 1
   completions: 1
+  # a retry starts only once the failed pod has fully terminated: never two migrations at once
+  podReplacementPolicy: Failed
   backoffLimit: {{ .Values.migration.backoffLimit }}
   activeDeadlineSeconds: {{ .Values.migration.activeDeadlineSeconds }}
   ttlSecondsAfterFinished: {{ .Values.migration.ttlSecondsAfterFinished }}
