@@ -15,8 +15,8 @@ class NotificationsSettings(Settings):
     smtp_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     # Events: the queue from charts/notifications/files/rabbit-topology.yaml; attempts before dead-lettering.
     events_queue: str = "notifications.events"
-    event_max_attempts: int = Field(default=5, ge=1, le=50)
-    event_retry_base_seconds: float = Field(default=0.5, gt=0, le=60)
+    event_max_attempts: int = Field(default=8, ge=1, le=50)
+    event_retry_base_seconds: float = Field(default=1.0, gt=0, le=60)
     # Email: attempts (with exponential backoff from mail_retry_base_seconds) before a notification is failed.
     mail_max_attempts: int = Field(default=5, ge=1, le=50)
     mail_retry_base_seconds: float = Field(default=2.0, gt=0, le=3600)
