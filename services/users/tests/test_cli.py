@@ -58,3 +58,19 @@ def test_production_refuses_a_weak_admin_password():
             admin_email="root@example.com",
             admin_password="short-pw",
         )
+
+
+@pytest.mark.parametrize(
+    "admin",
+    [
+        {"admin_email": "admin@emporium.local", "admin_password": "long enough pw"},  # special-use domain
+        {"admin_email": "admin@example.com", "admin_password": "short"},
+        {"admin_email": "admin@example.com", "admin_password": "long enough pw", "admin_username": "x"},
+    ],
+)
+def test_invalid_bootstrap_admin_fails_at_startup(admin):
+    from emporium_users.config import UsersSettings
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        UsersSettings(**admin)

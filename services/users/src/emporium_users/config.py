@@ -7,6 +7,8 @@ from pathlib import Path
 from emporium_common import Settings
 from pydantic import Field, model_validator
 
+from .models import UserCreate
+
 
 class UsersSettings(Settings):
     service_name: str = "users"
@@ -28,7 +30,11 @@ class UsersSettings(Settings):
     trusted_proxy_hops: int = Field(default=0, ge=0, le=5)
 
     @model_validator(mode="after")
-    def _refuse_weak_admin_password(self) -> UsersSettings:
+    def _check_admin(self) -> UsersSettings:
+        # A bad bootstrap admin fails at startup, loudly, with the same rules as registration.
+        # (ADMIN_EMAIL alone is fine: `create-admin` reads it and asks for the password.)
+        if self.admin_email and self.admin_password:
+            UserCreate(email=self.admin_email, username=self.admin_username, password=self.admin_password)
         if self.is_production and self.admin_password is not None and len(self.admin_password) < 12:
             raise ValueError("refusing weak production configuration: ADMIN_PASSWORD shorter than 12")
         return self
