@@ -165,3 +165,15 @@ async def test_rest_api_shows_own_notifications_and_admin_retry(
         assert response.status_code == 200 and response.json()["status"] == "sent"
         mails = await asyncio.to_thread(smtp_sink.wait_for, 1, 10, email)
         assert len(mails) == 1 and "4242" in mails[0].subject
+
+
+async def test_user_registered_sends_a_welcome_email(stack, broker, smtp_sink, notifications_db):
+    email = f"welcome-{uuid.uuid4().hex[:6]}@example.com"
+    await publish_envelope(
+        broker["admin"], build_envelope("user.registered", {"user_id": 12, "email": email, "username": "ada"})
+    )
+    mails = await asyncio.to_thread(smtp_sink.wait_for, 1, 20, email)
+    assert [m.subject for m in mails] == ["Welcome to Emporium"]
+    assert "ada" in mails[0].text()
+    rows = await notifications_for(notifications_db, recipient_email=email)
+    assert len(rows) == 1 and rows[0].type == "welcome" and rows[0].user_id == "12"
