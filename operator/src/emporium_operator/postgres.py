@@ -178,62 +178,75 @@ async def server_version(server: ServerConn) -> str:
         await conn.close()
 
 
-async def observe(server: ServerConn, desired: DesiredDatabase) -> ObservedDatabase:
+class _Connections:
+    """Connections by database name, opened on first use and reused for observing and applying."""
+
+    def __init__(self, server: ServerConn):
+        self.server = server
+        self.by_db: dict[str | None, asyncpg.Connection] = {}
+
+    async def get(self, dbname: str | None = None) -> asyncpg.Connection:
+        conn = self.by_db.get(dbname)
+        if conn is None:
+            conn = self.by_db[dbname] = await connect(self.server, dbname)
+        return conn
+
+    async def close(self) -> None:
+        for conn in self.by_db.values():
+            await conn.close()
+        self.by_db.clear()
+
+
+async def _observe(conns: _Connections, desired: DesiredDatabase) -> ObservedDatabase:
     observed = ObservedDatabase()
-    conn = await connect(server)
+    conn = await conns.get()
     try:
-        try:
-            row = await conn.fetchrow(
-                "SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = $1", desired.role
-            )
-        except asyncpg.InsufficientPrivilegeError:
-            observed.password_readable = False
-            row = await conn.fetchrow(
-                "SELECT rolcanlogin, NULL AS rolpassword FROM pg_roles WHERE rolname = $1", desired.role
-            )
-        if row:
-            observed.role_exists, observed.role_can_login, observed.role_password = True, row[0], row[1]
         row = await conn.fetchrow(
-            "SELECT pg_get_userbyid(datdba), datacl::text[] FROM pg_database WHERE datname = $1",
-            desired.database,
+            "SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = $1", desired.role
+        )
+    except asyncpg.InsufficientPrivilegeError:
+        observed.password_readable = False
+        row = await conn.fetchrow(
+            "SELECT rolcanlogin, NULL AS rolpassword FROM pg_roles WHERE rolname = $1", desired.role
+        )
+    if row:
+        observed.role_exists, observed.role_can_login, observed.role_password = True, row[0], row[1]
+    row = await conn.fetchrow(
+        "SELECT pg_get_userbyid(datdba), datacl::text[] FROM pg_database WHERE datname = $1",
+        desired.database,
+    )
+    if row:
+        observed.database_exists, observed.database_owner, observed.database_acl = True, row[0], row[1]
+    if observed.database_exists:
+        conn = await conns.get(desired.database)
+        row = await conn.fetchrow(
+            "SELECT pg_get_userbyid(nspowner), nspacl::text[] FROM pg_namespace WHERE nspname = 'public'"
         )
         if row:
-            observed.database_exists, observed.database_owner, observed.database_acl = True, row[0], row[1]
-    finally:
-        await conn.close()
-    if observed.database_exists:
-        conn = await connect(server, desired.database)
-        try:
-            row = await conn.fetchrow(
-                "SELECT pg_get_userbyid(nspowner), nspacl::text[] FROM pg_namespace WHERE nspname = 'public'"
-            )
-            if row:
-                observed.schema_owner, observed.schema_acl = row[0], row[1]
-            observed.extensions = {r[0] for r in await conn.fetch("SELECT extname FROM pg_extension")}
-        finally:
-            await conn.close()
+            observed.schema_owner, observed.schema_acl = row[0], row[1]
+        observed.extensions = {r[0] for r in await conn.fetch("SELECT extname FROM pg_extension")}
     return observed
 
 
-async def execute(server: ServerConn, steps: list[Step]) -> None:
-    by_db: dict[str | None, asyncpg.Connection] = {}
+async def observe(server: ServerConn, desired: DesiredDatabase) -> ObservedDatabase:
+    conns = _Connections(server)
     try:
-        for step in steps:
-            conn = by_db.get(step.dbname)
-            if conn is None:
-                conn = by_db[step.dbname] = await connect(server, step.dbname)
-            await conn.execute(step.sql)
+        return await _observe(conns, desired)
     finally:
-        for conn in by_db.values():
-            await conn.close()
+        await conns.close()
 
 
 async def ensure(server: ServerConn, desired: DesiredDatabase) -> list[Step]:
-    """Observe, plan and apply; returns the steps that were needed (empty when nothing drifted)."""
-    steps = plan(await observe(server, desired), desired)
-    if steps:
-        await execute(server, steps)
-    return steps
+    """Observe, plan and apply over at most two connections (admin database and the target database);
+    returns the steps that were needed (empty when nothing drifted)."""
+    conns = _Connections(server)
+    try:
+        steps = plan(await _observe(conns, desired), desired)
+        for step in steps:
+            await (await conns.get(step.dbname)).execute(step.sql)
+        return steps
+    finally:
+        await conns.close()
 
 
 async def active_connections(server: ServerConn, database: str) -> int:
