@@ -118,6 +118,18 @@ def test_label_values_are_valid(render, chart, args) -> None:
                 assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), f"{obj['kind']} {key}={value!r}"
 
 
+def test_mesh_switch(render) -> None:
+    """With the mesh: Istio annotations and the merged-metrics port; without: no sidecar at all."""
+    for args, inject in (((), None), (("--set", "global.mesh.enabled=false"), "false")):
+        for obj in render("emporium", *args):
+            if obj["kind"] == "Deployment":
+                annotations = obj["spec"]["template"]["metadata"].get("annotations") or {}
+                assert annotations.get("sidecar.istio.io/inject") == inject
+            if obj["kind"] == "ServiceMonitor":
+                port = obj["spec"]["endpoints"][0]["port"]
+                assert port == ("http" if inject else "http-metrics")
+
+
 def test_umbrella_builds_from_a_fresh_checkout(helm: str, tmp_path: Path) -> None:
     """`helm dependency build charts/emporium` alone suffices: the service charts' own charts/ folders
     (gitignored) are never built in a fresh clone, so the umbrella must bring the library itself."""

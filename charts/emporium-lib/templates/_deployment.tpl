@@ -33,6 +33,9 @@ spec:
         prometheus.io/port: {{ .Values.containerPort | quote }}
         prometheus.io/path: /metrics
         sidecar.istio.io/rewriteAppHTTPProbers: "true"
+        {{- else }}
+        # no mesh: no sidecar even in a namespace labelled for injection
+        sidecar.istio.io/inject: "false"
         {{- end }}
         {{- with .Values.podAnnotations }}
         {{- toYaml . | nindent 8 }}
