@@ -175,10 +175,8 @@ async def reserve_stock(
         .values(lines=reserved, status="reserved", reserved_at=sa.func.now(), released_at=None)
     )
     await session.commit()
-    reservation = await session.get(StockReservation, reservation_id)
-    assert reservation is not None
-    await session.refresh(reservation)
-    return reservation, not reactivate
+    # What was just committed; no reload round trip (the response needs only these fields).
+    return StockReservation(id=reservation_id, status="reserved", lines=reserved), not reactivate
 
 
 async def release_stock(session: AsyncSession, reservation_id: str) -> StockReservation:
