@@ -20,7 +20,8 @@ from schemathesis import GenerationMode
 
 from .conftest import ALEMBIC_INI
 
-MAX_EXAMPLES = 30
+# A deeper local run: SCHEMATHESIS_MAX_EXAMPLES=500 uv run pytest services/users/tests/test_schemathesis.py
+MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "30"))
 
 
 def _free_port() -> int:
