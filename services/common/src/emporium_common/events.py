@@ -217,6 +217,14 @@ def _consumer_span(envelope: Envelope, queue: str, attempt: int) -> contextlib.A
     )
 
 
+async def _settle(settlement: Awaitable[None]) -> None:
+    """Ack/nack/reject; if the channel is gone the broker redelivers the message anyway."""
+    try:
+        await settlement
+    except Exception as exc:
+        log.info("could not settle a message (%r); the broker will redeliver it", exc)
+
+
 def _resolver(future: asyncio.Future[None]) -> Callable[..., None]:
     def resolve(*_: Any) -> None:
         if not future.done():
@@ -254,7 +262,7 @@ class EventConsumer:
     async def _dead_letter(self, message: AbstractIncomingMessage, type_: str, reason: str) -> None:
         EVENTS_DEAD_LETTERED.labels(self.queue_name, reason).inc()
         EVENTS_CONSUMED.labels(self.queue_name, type_, "dead_lettered").inc()
-        await message.reject(requeue=False)
+        await _settle(message.reject(requeue=False))
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -298,13 +306,10 @@ class EventConsumer:
             )
             EVENTS_CONSUMED.labels(self.queue_name, envelope.type, "retried").inc()
             await asyncio.sleep(delay)
-            try:
-                await message.nack(requeue=True)
-            except Exception as nack_exc:  # the channel is gone: the broker redelivers anyway
-                log.info("could not return a message (%r)", nack_exc)
+            await _settle(message.nack(requeue=True))
             return
         EVENTS_CONSUMED.labels(self.queue_name, envelope.type, "ok").inc()
-        await message.ack()
+        await _settle(message.ack())
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; on any broker failure wait (backoff) and reconnect."""
