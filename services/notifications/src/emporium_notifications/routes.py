@@ -100,7 +100,8 @@ ws_router = APIRouter()
 
 
 def _token_from(websocket: WebSocket) -> str | None:
-    token = websocket.query_params.get("token")
+    # ?access_token= is where the Istio ingress also looks for a browser's token (its default).
+    token = websocket.query_params.get("access_token") or websocket.query_params.get("token")
     if token:
         return token
     authorization = websocket.headers.get("authorization", "")
