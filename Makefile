@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
 ARGS ?=
 
-.PHONY: help tools deps lint format test bench up down status kind-up
+.PHONY: help tools deps lint format test bench kind-up up down status
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,11 +25,17 @@ format: deps ## Apply ruff's fixes and formatting
 test: ## Install what is missing, then lint and run every test (ARGS="..." goes to pytest)
 	@bash tools/test.sh $(ARGS)
 
-up: ## Run the whole platform locally (control plane, operator, services, ingress on :8080)
-	@echo "make up: not yet available (see the open issue for the local platform)"; exit 1
+bench: ## Print throughput, latency and operator figures (bounded; loopback only)
+	@bash tools/bench.sh
 
-down: ## Stop everything `make up` started
-	@echo "make down: not yet available"; exit 1
+kind-up: ## Create a kind cluster, install the add-ons and deploy with skaffold (needs Docker)
+	@bash k8s/kind-up.sh
+
+up: ## Run the whole platform locally (control plane, operator, services, ingress on 127.0.0.1:8080)
+	@bash tools/platform.sh up
+
+down: ## Stop everything `make up` started (data stays in .local/data)
+	@bash tools/platform.sh down
 
 status: ## Show each local component
-	@echo "make status: not yet available"; exit 1
+	@bash tools/platform.sh status

@@ -27,6 +27,7 @@ DEPLOYMENT = {
                             {"name": "PRODUCTS_URL", "value": "http://products.shop.svc.cluster.local:8000"},
                             {"name": "JWKS_URL", "value": "http://users:8000/.well-known/jwks.json"},
                             {"name": "OTHER_URL", "value": "http://elsewhere.example:8000"},
+                            {"name": "AMQP_URL", "value": "amqp://orders:1234@10.0.0.9:5672/shop"},
                             {
                                 "name": "DATABASE_URL",
                                 "valueFrom": {"secretKeyRef": {"name": "orders-db", "key": "DATABASE_URL"}},
@@ -65,7 +66,11 @@ def read(kind, namespace, name):
         raise LookupError(f"{kind} {name} not found") from None
 
 
-ADDRESSES = {("shop", "products"): ("127.0.0.1", 18001), ("shop", "users"): ("127.0.0.1", 18000)}
+ADDRESSES = {
+    ("shop", "products"): ("127.0.0.1", 18001),
+    ("shop", "users"): ("127.0.0.1", 18000),
+    ("shop", "orders"): ("127.0.0.1", 18002),
+}
 
 
 def test_env_secrets_volumes_and_service_addresses(tmp_path):
@@ -75,6 +80,7 @@ def test_env_secrets_volumes_and_service_addresses(tmp_path):
     assert local.env["PRODUCTS_URL"] == "http://127.0.0.1:18001"
     assert local.env["JWKS_URL"] == "http://127.0.0.1:18000/.well-known/jwks.json"
     assert local.env["OTHER_URL"] == "http://elsewhere.example:8000"
+    assert local.env["AMQP_URL"] == "amqp://orders:1234@10.0.0.9:5672/shop"  # userinfo, not a service URL
     assert local.env["DATABASE_URL"] == "postgresql://u:p@127.0.0.1:5432/orders"
     assert "MAYBE" not in local.env
     assert local.env["JWT_KEYS_DIR"] == str(tmp_path / "orders" / "keys")
@@ -83,7 +89,8 @@ def test_env_secrets_volumes_and_service_addresses(tmp_path):
 
 def test_missing_secret_key_is_a_clear_error(tmp_path):
     broken = yaml.safe_load(yaml.safe_dump(DEPLOYMENT))
-    broken["spec"]["template"]["spec"]["containers"][0]["env"][3]["valueFrom"]["secretKeyRef"]["key"] = "URI"
+    env = broken["spec"]["template"]["spec"]["containers"][0]["env"]
+    next(v for v in env if v["name"] == "DATABASE_URL")["valueFrom"]["secretKeyRef"]["key"] = "URI"
     with pytest.raises(WorkloadError, match="orders-db has no key 'URI'"):
         container_process(broken, read, ADDRESSES, tmp_path)
 

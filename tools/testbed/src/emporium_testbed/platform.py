@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .ingress import GATEWAY_NAMESPACE, LocalIngress
 from .local import DEFAULT_ROOT, LocalServers
 from .process import ManagedProcess, StartupError, free_port, port_open
 from .toolchain import REPO_ROOT, tool
@@ -54,6 +55,7 @@ class LocalPlatform:
         self.logs = self.servers.logs
         self.kubeconfig = self.servers.control_plane.kubeconfig
         self.ports_path = self.root / "ports.json"
+        self.ingress = LocalIngress(self.root, self.kubeconfig, self.logs)
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -120,7 +122,7 @@ class LocalPlatform:
         pg, rabbit = self.servers.postgres, self.servers.rabbitmq
         docs = [
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-            for name in (NAMESPACE, OPERATOR_NAMESPACE, "istio-system")
+            for name in (NAMESPACE, OPERATOR_NAMESPACE, GATEWAY_NAMESPACE)
         ]
         docs += [
             _secret("postgres-admin", {"username": pg.superuser, "password": pg.password}),
@@ -310,6 +312,54 @@ class LocalPlatform:
             w.process.wait_ready(lambda port=port: _http_ok(f"http://127.0.0.1:{port}/readyz"), 90)
         return workloads
 
+    def register_endpoints(self, workloads: list[Workload]) -> None:
+        """Point each Service at its local process. The API server refuses loopback addresses in
+        Endpoints and EndpointSlices, so the endpoint is an Istio WorkloadEntry carrying the labels the
+        Service selects (istiod merges it into the Service): the chart's Services and routes stay as
+        they are."""
+        services = {
+            d["metadata"]["name"]: d for d in self.rendered("emporium", NAMESPACE) if d["kind"] == "Service"
+        }
+        entries = []
+        for w in workloads:
+            service = services.get(w.name)
+            if not service:
+                continue
+            labels = service["spec"]["selector"]
+            entries.append(
+                {
+                    "apiVersion": "networking.istio.io/v1",
+                    "kind": "WorkloadEntry",
+                    "metadata": {"name": f"{w.name}-local", "namespace": NAMESPACE, "labels": labels},
+                    "spec": {"address": "127.0.0.1", "labels": labels, "ports": {"http": w.container.port}},
+                }
+            )
+        self.apply("\n---\n".join(yaml.safe_dump(e) for e in entries))
+
+    def wait_for_ingress(self, timeout: float = 120) -> None:
+        """The gateway serves the chart's routes: /health reaches the users service."""
+        self.ingress.gateway.wait_ready(lambda: _http_ok(f"{self.ingress.url}/health"), timeout)
+
+    def admin_token(self) -> str:
+        data = self._reader()("Secret", NAMESPACE, "users-admin")
+        body = {"email": data["ADMIN_EMAIL"].decode(), "password": data["ADMIN_PASSWORD"].decode()}
+        return _json_request("POST", f"{self.ingress.url}/users/login", body)["access_token"]
+
+    def load_sample_catalog(self) -> int:
+        """On the first start only (a marker file remembers it), add the sample products as the admin,
+        through the ingress, as a person would."""
+        marker = self.root / "catalog-loaded"
+        if marker.exists():
+            return 0
+        catalog = json.loads((Path(__file__).parent / "data" / "sample-catalog.json").read_text())
+        token = self.admin_token()
+        for product in catalog:
+            _json_request(
+                "POST", f"{self.ingress.url}/products", product, token=token, ok_statuses=(201, 409)
+            )
+        marker.write_text(f"{len(catalog)} products\n")
+        return len(catalog)
+
     # -- commands ------------------------------------------------------------------------------------
 
     def up(self) -> None:
@@ -323,8 +373,13 @@ class LocalPlatform:
         self.wait_for_resources()
         self.run_migrations()
         workloads = self.start_services()
+        self.register_endpoints(workloads)
+        self.ingress.start()
+        self.wait_for_ingress()
         self.write_admin_env()
+        self.load_sample_catalog()
         print(f"Emporium is up ({time.monotonic() - started:.0f} s).")
+        print(f"  ingress: {self.ingress.url}  (try {self.ingress.url}/products)")
         print(f"  export KUBECONFIG={self.kubeconfig}")
         for w in workloads:
             print(f"  {w.name:14} http://127.0.0.1:{w.container.port}")
@@ -383,6 +438,26 @@ def _python(argv: list[str]) -> list[str]:
     if argv and argv[0] == "kopf":
         return [sys.executable, "-m", "kopf", *argv[1:]]
     return argv
+
+
+def _json_request(
+    method: str, url: str, body: object, token: str | None = None, ok_statuses: tuple[int, ...] = (200, 201)
+) -> dict:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method=method, headers={"Content-Type": "application/json"}
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        if error.code in ok_statuses:
+            return {}
+        raise StartupError(f"{method} {url}: {error.code} {error.read()[:300]!r}") from error
 
 
 def _http_ok(url: str) -> bool:

@@ -17,7 +17,10 @@ from pathlib import Path
 
 # http://users.emporium.svc.cluster.local:8000/... or http://users.emporium.svc:8000 or http://users:8000
 _SERVICE_URL = re.compile(
-    r"(?P<scheme>https?|wss?|amqp)://(?P<service>[a-z0-9-]+)(?:\.(?P<namespace>[a-z0-9-]+)(?:\.svc(?:\.cluster\.local)?)?)?:(?P<port>\d+)"
+    r"(?P<scheme>https?|wss?|amqp)://(?P<service>[a-z0-9-]+)"
+    r"(?:\.(?P<namespace>[a-z0-9-]+)(?:\.svc(?:\.cluster\.local)?)?)?:(?P<port>\d+)"
+    # Only a whole authority: "amqp://user:1234@host" has userinfo, not a service on port 1234.
+    r"(?=[/?#]|$)"
 )
 
 
