@@ -67,6 +67,7 @@ class Listener:
         self.dsn, self.hub = asyncpg_dsn(database_url), hub
         self._stop = asyncio.Event()
         self.listening = asyncio.Event()
+        self._pushes: set[asyncio.Task] = set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -77,7 +78,11 @@ class Listener:
             user_id = str(data.pop("user_id"))
         except (ValueError, KeyError):
             return
-        asyncio.get_running_loop().create_task(self.hub.push(user_id, {"type": "notification", "data": data}))
+        task = asyncio.get_running_loop().create_task(
+            self.hub.push(user_id, {"type": "notification", "data": data})
+        )
+        self._pushes.add(task)  # keep a reference until done (the loop only holds weak ones)
+        task.add_done_callback(self._pushes.discard)
 
     async def run(self) -> None:
         delay = 0.5
