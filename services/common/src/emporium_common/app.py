@@ -92,3 +92,13 @@ def create_app(
     for router in routers:
         app.include_router(router)
     return app
+
+
+def serve(app: FastAPI, settings: Settings, *, proxy_headers: bool = False) -> None:
+    """Run app with uvicorn on settings.host:settings.port, logging through our JSON logging.
+
+    proxy_headers: trust X-Forwarded-* from the peer (only behind a proxy that sets them).
+    """
+    import uvicorn
+
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=proxy_headers)

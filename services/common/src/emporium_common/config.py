@@ -29,6 +29,8 @@ class Settings(BaseSettings):
 
     service_name: str = "emporium"
     environment: Literal["local", "development", "production"] = "local"
+    # All interfaces in a container; the local platform (make up) binds services to 127.0.0.1.
+    host: str = "0.0.0.0"  # noqa: S104
     port: int = Field(default=8000, ge=1, le=65535)
     database_url: str = "postgresql://postgres:postgres@localhost:5432/emporium"
     database_pool_size: int = Field(default=5, ge=1)

@@ -19,12 +19,11 @@ ALEMBIC_INI = Path(os.environ.get("ALEMBIC_INI", Path(__file__).resolve().parent
 
 
 def serve(settings: UsersSettings) -> None:
-    import uvicorn
+    from emporium_common.app import serve as serve_app
 
     from .main import build_app
 
-    app = build_app(settings)
-    uvicorn.run(app, host="0.0.0.0", port=settings.port, log_config=None, proxy_headers=False)  # noqa: S104
+    serve_app(build_app(settings), settings)
 
 
 def migrate(settings: UsersSettings) -> None:
