@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Ensures the pinned toolchain (kube-apiserver, kube-controller-manager, kubectl, etcd, helm,
-# kubeconform, istio's pilot-discovery and pilot-agent) and prints the bin directory on its last line.
+# Ensures the pinned toolchain (kube-apiserver, kube-controller-manager, kubectl, etcd, helm, kubeconform,
+# skaffold, istio's pilot-discovery and pilot-agent) and prints the bin directory on its last line.
 #
 # Binaries are built from the Go module proxy into ~/.cache/emporium/toolchain/bin (override with
 # EMPORIUM_CACHE) and reused by every clone on the machine: only the first run pays for the build.
@@ -40,7 +40,7 @@ pin_of() {
     etcd) echo "$ETCD_VERSION" ;;
     helm) echo "$HELM_VERSION" ;;
     kubeconform) echo "$KUBECONFORM_VERSION" ;;
-    skaffold) echo "${SKAFFOLD_VERSION:-v2.24.0}" ;;
+    skaffold) echo "$SKAFFOLD_VERSION" ;;
     pilot-discovery | pilot-agent) echo "$ISTIO_VERSION" ;;
     *) log "unknown tool $1"; exit 2 ;;
   esac
@@ -93,7 +93,7 @@ build() {
          -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor" ;;
     kubeconform)
       go_build kubeconform kubeconform github.com/yannh/kubeconform/cmd/kubeconform "" "" ;;
-    skaffold) # on request only (10-20 min on 2 cores): `build.sh skaffold`
+    skaffold) # 10-20 min on 2 cores, once per machine
       go_build skaffold skaffold github.com/GoogleContainerTools/skaffold/v2/cmd/skaffold "" \
         "-X github.com/GoogleContainerTools/skaffold/v2/pkg/skaffold/version.version=$(pin_of skaffold)" ;;
     pilot-discovery)
@@ -123,7 +123,10 @@ ensure() {
 }
 
 tools=("$@")
-# Default: what `make test` needs. Istio's pilot-discovery/pilot-agent are built on request (local ingress).
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm)
+# Default: everything `make test` and `make up` use (the first run on a machine builds it all, later runs
+# reuse it): the control plane, kubectl, helm, kubeconform and skaffold (chart tests), istiod and pilot-agent
+# (the local ingress).
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm kubeconform skaffold \
+  pilot-discovery pilot-agent)
 for t in "${tools[@]}"; do ensure "$t"; done
 echo "$bin"
