@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
 ARGS ?=
 
-.PHONY: help tools deps lint format test bench kind-up up down status
+.PHONY: help tools deps lint format test bench kind-up kind-down up down status
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,8 +28,11 @@ test: ## Install what is missing, then lint and run every test (ARGS="..." goes 
 bench: ## Print throughput, latency and operator figures (bounded; loopback only)
 	@bash tools/bench.sh
 
-kind-up: ## Create a kind cluster, install the add-ons and deploy with skaffold (needs Docker)
-	@bash k8s/kind-up.sh
+kind-up: ## Create the kind cluster "emporium", install the add-ons, deploy with skaffold (needs Docker; ARGS=--dev)
+	@bash k8s/kind-up.sh $(ARGS)
+
+kind-down: ## Delete the kind cluster
+	@kind delete cluster --name emporium
 
 up: ## Run the whole platform locally (control plane, operator, services, ingress on 127.0.0.1:8080)
 	@bash tools/platform.sh up

@@ -77,6 +77,14 @@ def render_cases() -> list[tuple[str, str, list[str]]]:
     cases = [(f"{chart}-defaults", chart, []) for chart in APP_CHARTS]
     cases.append(("emporium-inline-jwks", "emporium", list(INLINE_JWKS_ARGS)))
     cases.append(("emporium-admin-order-status", "emporium", ["--set", "auth.orderStatusRequiresAdmin=true"]))
+    # The local platform's values (make up), as emporium_testbed.platform passes them.
+    local = [
+        "-f",
+        str(CHARTS.parent / "k8s" / "values" / "local.yaml"),
+        "--set",
+        "notifications.env.SMTP_HOST=127.0.0.1",
+    ]
+    cases.append(("emporium-local", "emporium", local))
     for profile, releases in skaffold_profiles().items():
         for release in releases:
             chart = Path(release["chartPath"]).name

@@ -1,0 +1,87 @@
+"""Benchmark of the local platform: time to ready for a cold and a warm `up`, and the ingress's overhead
+(latency through istiod-configured Envoy versus straight to the products service, measured side by side,
+interleaved, in one run).
+
+    uv run python tools/bench_platform.py [--requests 400] [--root DIR]
+
+Starts its own platform in a temporary root (or DIR) and stops it at the end; loopback only; bounded by
+--requests and by a 30 s budget for the request phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from emporium_testbed.ingress import GATEWAY_PORT
+
+
+def platform(root: Path, command: str) -> float:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "emporium_testbed.platform", command, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"platform {command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--root", type=Path)
+    args = parser.parse_args()
+    root = args.root or Path(tempfile.mkdtemp(prefix="emporium-bench-"))
+    root.chmod(0o755)
+    cold = platform(root, "up")
+    try:
+        warm = platform(root, "up")
+        products_port = json.loads((root / "ports.json").read_text())["products/http"]
+        targets = {
+            "ingress": f"http://127.0.0.1:{GATEWAY_PORT}/products?limit=20",
+            "direct": f"http://127.0.0.1:{products_port}/products?limit=20",
+        }
+        latencies: dict[str, list[float]] = {name: [] for name in targets}
+        deadline = time.monotonic() + 30
+        with httpx.Client(timeout=10) as client:
+            for url in targets.values():  # warm both paths (connections, caches)
+                for _ in range(20):
+                    client.get(url).raise_for_status()
+            for _ in range(args.requests):
+                if time.monotonic() > deadline:
+                    break
+                for name, url in targets.items():  # interleaved: both see the same machine load
+                    started = time.perf_counter()
+                    client.get(url).raise_for_status()
+                    latencies[name].append((time.perf_counter() - started) * 1000)
+    finally:
+        platform(root, "down")
+
+    print(f"local platform: cold up {cold:.0f} s, warm up (already running) {warm:.0f} s")
+    print(f"GET /products?limit=20, {len(latencies['direct'])} requests each, interleaved, one client:")
+    for name, values in latencies.items():
+        print(f"  {name:8} p50 {statistics.median(values):6.2f} ms   p99 {percentile(values, 0.99):6.2f} ms")
+    ratio = statistics.median(latencies["ingress"]) / statistics.median(latencies["direct"])
+    extra = statistics.median(latencies["ingress"]) - statistics.median(latencies["direct"])
+    print(f"  ingress/direct p50 ratio {ratio:.2f} (+{extra:.2f} ms per request through the ingress)")
+
+
+if __name__ == "__main__":
+    main()
