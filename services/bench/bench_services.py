@@ -63,7 +63,7 @@ def start_service(name: str, env: dict[str, str], log_dir: Path) -> tuple[subpro
     log = (log_dir / f"{name}.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", f"emporium_{name}", "serve"],
-        env={**os.environ, **env, "PORT": str(port), "LOG_LEVEL": "WARNING"},
+        env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "WARNING"},
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -26,13 +26,13 @@ def main() -> None:
 
         upgrade_head(alembic_ini())
         return
-    import uvicorn
+    from emporium_common.app import serve
 
     from .config import OrdersSettings
     from .main import build_app
 
     settings = OrdersSettings()
-    uvicorn.run(build_app(settings), host="0.0.0.0", port=settings.port, proxy_headers=True, log_config=None)  # noqa: S104
+    serve(build_app(settings), settings)
 
 
 if __name__ == "__main__":
