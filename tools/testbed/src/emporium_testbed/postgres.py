@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,10 @@ class PostgresServer:
             ),
             self.log_path,
             pid_path=self.base_dir / "postgres.pid",
+            # SIGINT is Postgres's "fast" shutdown: it ends open sessions and exits cleanly. SIGTERM
+            # ("smart") waits for every client to leave, and a SIGKILLed postmaster leaves a lock file
+            # that blocks the next start.
+            stop_signal=signal.SIGINT,
         )
 
     @property

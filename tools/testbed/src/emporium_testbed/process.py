@@ -82,8 +82,10 @@ class ManagedProcess:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         pid_path: Path | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:
         self.name = name
+        self.stop_signal = stop_signal
         self.argv = list(argv)
         self.log_path = log_path
         self.env = env
@@ -148,7 +150,7 @@ class ManagedProcess:
     def stop(self, timeout: float = 15.0) -> None:
         pid = self.pid
         if pid is not None:
-            stop_group(pid, timeout)
+            stop_group(pid, timeout, first=self.stop_signal)
         if self.popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=1)
@@ -171,9 +173,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def stop_group(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM the process group led by pid, then SIGKILL what is left after timeout."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop_group(pid: int, timeout: float = 15.0, first: signal.Signals = signal.SIGTERM) -> None:
+    """Signal the process group led by pid (SIGTERM unless the server wants another), then SIGKILL what is
+    left after timeout."""
+    for sig in (first, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
         deadline = time.monotonic() + timeout
