@@ -7,6 +7,8 @@ import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from emporium_common.events import USER_REGISTERED
+from emporium_common.outbox import add_event
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -27,6 +29,13 @@ async def create_user(*, session: AsyncSession, user_create: UserCreate, role: R
     session.add(user)
     try:
         # The unique constraints decide, not a SELECT first: that would race with a concurrent register.
+        await session.flush()
+        # user.registered commits with the user (transactional outbox; the relay publishes it).
+        add_event(
+            session,
+            USER_REGISTERED,
+            {"user_id": str(user.id), "email": user.email, "username": user.username},
+        )
         await session.commit()
     except IntegrityError:
         await session.rollback()

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from emporium_common import create_app
 from emporium_common.auth import StaticKeySet, TokenVerifier
+from emporium_common.outbox import OutboxRelay
 from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -61,9 +62,18 @@ async def _bootstrap_admin_until_done(app: FastAPI) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     task = asyncio.create_task(_bootstrap_admin_until_done(app))
+    # The outbox relay publishes user.registered (committed with the user) to the broker, with confirms.
+    relay = (
+        OutboxRelay(app.state.engine, app.state.settings.amqp_url) if app.state.settings.amqp_url else None
+    )
+    relay_task = asyncio.create_task(relay.run(), name="outbox-relay") if relay else None
     try:
         yield
     finally:
+        if relay is not None and relay_task is not None:
+            relay.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(relay_task, 10)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
