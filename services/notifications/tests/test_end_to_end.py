@@ -181,3 +181,35 @@ async def test_event_metrics_are_exported(stack):
         "emporium_notifications_websocket_connections",
     ):
         assert name in notifications_metrics
+
+
+async def test_registration_in_the_users_service_sends_a_welcome_email(
+    postgres, broker, stack, smtp_sink, tmp_path_factory
+):
+    from emporium_users.config import UsersSettings
+    from emporium_users.keys import generate_local_keys
+    from emporium_users.main import build_app as build_users
+
+    from .conftest import SERVICES, serve
+
+    users_db = testing.create_test_database(postgres, "e2e_users")
+    await testing.migrate(SERVICES / "users" / "alembic.ini", users_db)
+    keys = tmp_path_factory.mktemp("e2e-jwt-keys")
+    generate_local_keys(keys)
+    users = await serve(
+        build_users(UsersSettings(database_url=users_db, jwt_keys_dir=keys, amqp_url=broker["users"]))
+    )
+    try:
+        email = f"new-{uuid.uuid4().hex[:6]}@example.com"
+        async with httpx.AsyncClient(base_url=users.url, timeout=15) as client:
+            body = {
+                "email": email,
+                "username": f"u{uuid.uuid4().hex[:8]}",
+                "password": "correct horse battery",
+            }
+            response = await client.post("/users/register", json=body)
+            assert response.status_code == 201, response.text
+        mails = await asyncio.to_thread(smtp_sink.wait_for, 1, 30, email)
+        assert [m.subject for m in mails] == ["Welcome to Emporium"]
+    finally:
+        await users.stop()
