@@ -76,7 +76,7 @@ def render_cases() -> list[tuple[str, str, list[str]]]:
     """(case id, chart, helm args): every chart with its defaults, and each skaffold profile's releases."""
     cases = [(f"{chart}-defaults", chart, []) for chart in APP_CHARTS]
     cases.append(("emporium-inline-jwks", "emporium", list(INLINE_JWKS_ARGS)))
-    cases.append(("emporium-admin-order-status", "emporium", ["--set", "auth.orderStatusRequiresAdmin=true"]))
+    cases.append(("emporium-customer-order-status", "emporium", ["--set", "auth.orderStatusRequiresAdmin=false"]))
     # The local platform's values (make up), as emporium_testbed.platform passes them.
     local = [
         "-f",

@@ -199,6 +199,22 @@ async def test_customer_cancels_own_pending_order_and_stock_returns(
     assert [tuple(e) for e in events] == [("pending", "confirmed"), ("confirmed", "cancelled")]
 
 
+async def test_cancel_endpoint_follows_the_same_rules(orders, alice, bob, admin, make_product, stock_of):
+    p = await make_product(stock=4)
+    order = await place(orders, alice, p["id"], 2)
+    assert (await orders.post(f"/orders/{order['id']}/cancel", headers=bob)).status_code == 404
+    cancelled = await orders.post(f"/orders/{order['id']}/cancel", headers=alice)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert await stock_of(p["id"]) == 4
+    assert (await orders.post(f"/orders/{order['id']}/cancel", headers=alice)).status_code == 409
+
+    confirmed = await place(orders, alice, p["id"], 1)
+    assert (await set_status(orders, admin, confirmed["id"], "confirmed")).status_code == 200
+    assert (await orders.post(f"/orders/{confirmed['id']}/cancel", headers=alice)).status_code == 409
+    assert (await orders.post(f"/orders/{confirmed['id']}/cancel", headers=admin)).status_code == 200
+    assert await stock_of(p["id"]) == 4
+
+
 async def test_products_unreachable_is_503(orders_db, tokens, make_product):
     from emporium_orders.config import OrdersSettings
     from emporium_orders.main import build_app
