@@ -48,10 +48,10 @@ def local(tmp_path_factory: pytest.TempPathFactory):
     for folder in (root, root.parent, root.parent.parent):
         folder.chmod(folder.stat().st_mode | 0o111)  # postgres and rabbitmq users traverse into it
     started = time.monotonic()
-    up = platform(root, "up")
-    assert up.returncode == 0, f"make up failed:\n{up.stdout[-3000:]}\n{up.stderr[-5000:]}"
-    print(f"cold up: {time.monotonic() - started:.0f} s")
     try:
+        up = platform(root, "up")
+        assert up.returncode == 0, f"make up failed:\n{up.stdout[-3000:]}\n{up.stderr[-5000:]}"
+        print(f"cold up: {time.monotonic() - started:.0f} s")
         yield root
     finally:
         pids = [int(p.read_text()) for p in root.rglob("*.pid") if p.read_text().strip().isdigit()]

@@ -23,9 +23,9 @@ def run(root, command: str) -> subprocess.CompletedProcess[str]:
 
 async def test_up_status_down_across_commands(testbed_dir):
     root = testbed_dir / "local"  # testbed_dir is traversable by the postgres and rabbitmq users
-    up = run(root, "up")
-    assert up.returncode == 0, up.stderr
     try:
+        up = run(root, "up")
+        assert up.returncode == 0, up.stderr
         state = json.loads((root / "state.json").read_text())
         assert (root / "state.json").stat().st_mode & 0o777 == 0o600
         assert (root / "kubeconfig").exists()
