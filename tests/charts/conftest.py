@@ -15,7 +15,7 @@ from emporium_testbed.toolchain import BUILD_SCRIPT, REPO_ROOT, bin_dir, tool
 
 CHARTS = REPO_ROOT / "charts"
 SERVICES = ("users", "products", "orders", "notifications")
-APP_CHARTS = (*SERVICES, "emporium-operator", "emporium")
+APP_CHARTS = (*SERVICES, "emporium-operator", "emporium", "loadgenerator")
 ALL_CHARTS = ("emporium-lib", *APP_CHARTS)
 NAMESPACE = "emporium"
 OPERATOR_NAMESPACE = "emporium-system"

@@ -170,7 +170,7 @@ def test_standard_labels(render, chart: str) -> None:
             assert {"app.kubernetes.io/name", "app.kubernetes.io/instance"} <= set(pod_labels)
 
 
-@pytest.mark.parametrize("chart", ["emporium", "emporium-operator"])
+@pytest.mark.parametrize("chart", ["emporium", "emporium-operator", "loadgenerator"])
 def test_pods_are_hardened(render, chart: str) -> None:
     objects = render(chart)
     assert list(pod_specs(objects))

@@ -239,7 +239,16 @@ def test_websocket_through_ingress_delivers_only_own_events(local, http):
     )
     ws_url = GATEWAY.replace("http", "ws") + "/ws/notifications?access_token="
 
-    async def scenario() -> tuple[list[dict], list[dict]]:
+    async def messages(socket, seconds: float) -> list[dict]:
+        """Every message the socket receives within seconds (e.g. welcome notifications arrive too)."""
+        received: list[dict] = []
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(TimeoutError):
+            while (left := deadline - time.monotonic()) > 0:
+                received.append(json.loads(await asyncio.wait_for(socket.recv(), left)))
+        return received
+
+    async def scenario() -> tuple[int, list[dict], list[dict]]:
         async with websockets.connect(ws_url + mine) as own, websockets.connect(ws_url + theirs) as other:
             assert json.loads(await asyncio.wait_for(own.recv(), 10))["type"] == "connected"
             assert json.loads(await asyncio.wait_for(other.recv(), 10))["type"] == "connected"
@@ -250,13 +259,51 @@ def test_websocket_through_ingress_delivers_only_own_events(local, http):
                 headers=bearer(mine),
             )
             assert order.status_code == 201, order.text
-            received = [json.loads(await asyncio.wait_for(own.recv(), 30))]
-            leaked = []
-            with contextlib.suppress(TimeoutError):
-                leaked.append(json.loads(await asyncio.wait_for(other.recv(), 3)))
-            return received, leaked
+            own_messages, other_messages = await asyncio.gather(messages(own, 15), messages(other, 15))
+            return order.json()["id"], own_messages, other_messages
 
-    received, leaked = asyncio.run(scenario())
-    assert received[0]["type"] == "notification"
-    assert leaked == []
+    order_id, own_messages, other_messages = asyncio.run(scenario())
+
+    def about_order(received: list[dict]) -> list[dict]:
+        return [m for m in received if m["type"] == "notification" and m["data"].get("order_id") == order_id]
+
+    assert len(about_order(own_messages)) == 1, own_messages
+    assert about_order(other_messages) == [], other_messages  # another user never sees my order
     assert http.get("/ws/notifications").status_code in (401, 403)  # no token, no socket
+
+
+def test_load_generator_journeys_run_without_failures(local, tmp_path):
+    """The loadgenerator chart's locustfile, briefly against the local ingress (4 users, 10 s)."""
+    locustfile = Path(__file__).resolve().parents[2] / "charts" / "loadgenerator" / "files" / "locustfile.py"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(locustfile),
+            "--headless",
+            "--host",
+            GATEWAY,
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "10s",
+            "--csv",
+            str(tmp_path / "load"),
+            "--only-summary",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    stats = {
+        row.split(",")[1]: row.split(",")
+        for row in (tmp_path / "load_stats.csv").read_text().splitlines()[1:]
+    }
+    aggregated = stats["Aggregated"]
+    requests, failures = int(aggregated[2]), int(aggregated[3])
+    assert run.returncode == 0 and failures == 0, run.stderr[-3000:]
+    assert requests >= 10
