@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
-
-
-def alembic_ini() -> Path:
-    """ALEMBIC_INI, else the source tree's (editable installs), else ./alembic.ini (the image's WORKDIR)."""
-    if os.environ.get("ALEMBIC_INI"):
-        return Path(os.environ["ALEMBIC_INI"])
-    source = Path(__file__).resolve().parents[2] / "alembic.ini"
-    return source if source.exists() else Path("alembic.ini").resolve()
+from emporium_common.cli import service_main
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="emporium_orders")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the HTTP API and the outbox relay (PORT, default 8000)")
-    sub.add_parser("migrate", help="alembic upgrade head on DATABASE_URL")
-    args = parser.parse_args()
-    if args.command == "migrate":
-        from emporium_common.migrations import upgrade_head
-
-        upgrade_head(alembic_ini())
-        return
-    from emporium_common.app import serve
-
     from .config import OrdersSettings
     from .main import build_app
 
-    settings = OrdersSettings()
-    serve(build_app(settings), settings)
+    service_main(
+        "emporium_orders",
+        __file__,
+        OrdersSettings,
+        build_app,
+        serve_help="run the HTTP API and the outbox relay (PORT, default 8000)",
+    )
 
 
 if __name__ == "__main__":
