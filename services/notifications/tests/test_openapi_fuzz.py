@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import schemathesis
-import uvicorn
 from emporium_common import testing
 from emporium_common.migrations import upgrade_head
 from emporium_notifications.config import NotificationsSettings
 from emporium_notifications.main import build_app
-from emporium_testbed.process import free_port
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 schema = schemathesis.openapi.from_dict(build_app(NotificationsSettings()).openapi())
-
-
-def serve_in_thread(app):
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    return server, thread, f"http://127.0.0.1:{server.config.port}"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +31,7 @@ def fuzz_target(postgres, smtp_sink):
     settings_ = NotificationsSettings(
         database_url=url, smtp_host=smtp_sink.host, smtp_port=smtp_sink.port, background_workers=False
     )
-    server, thread, base = serve_in_thread(build_app(settings_, token_verifier=tokens.verifier()))
+    server, thread, base = testing.serve_in_thread(build_app(settings_, token_verifier=tokens.verifier()))
     yield base, tokens.auth_header("fuzz-admin", roles=["admin"])
     server.should_exit = True
     thread.join(20)

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from emporium_common import testing
 from emporium_common.migrations import upgrade_head
 from emporium_orders.config import OrdersSettings
 from emporium_orders.main import build_app
 from emporium_products.config import ProductsSettings
 from emporium_products.main import build_app as build_products
-from emporium_testbed.process import free_port
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 
 TOKEN = "fuzz-internal-token-0123456789"
 SERVICES = Path(__file__).resolve().parents[2]
 schema = schemathesis.openapi.from_dict(build_app(OrdersSettings(internal_token=TOKEN)).openapi())
-
-
-def serve_in_thread(app):
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    return server, thread, f"http://127.0.0.1:{server.config.port}"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +28,7 @@ def fuzz_target(postgres):
     orders_db = testing.create_test_database(postgres, "fuzz_orders")
     upgrade_head(SERVICES / "products" / "alembic.ini", products_db)
     upgrade_head(SERVICES / "orders" / "alembic.ini", orders_db)
-    products = serve_in_thread(
+    products = testing.serve_in_thread(
         build_products(
             ProductsSettings(database_url=products_db, internal_token=TOKEN), token_verifier=tokens.verifier()
         )
@@ -54,7 +37,7 @@ def fuzz_target(postgres):
     for i in range(1, 4):  # a few products so generated orders can succeed, too
         body = {"name": f"Fuzz {i}", "price": "1.00", "stock_quantity": 1000, "sku": f"FUZZ-{i}"}
         httpx.post(f"{products[2]}/products", json=body, headers=admin, timeout=10).raise_for_status()
-    orders = serve_in_thread(
+    orders = testing.serve_in_thread(
         build_app(
             OrdersSettings(database_url=orders_db, internal_token=TOKEN, products_url=products[2]),
             token_verifier=tokens.verifier(),

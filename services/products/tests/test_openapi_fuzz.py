@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import schemathesis
-import uvicorn
 from emporium_common import testing
 from emporium_common.migrations import upgrade_head
 from emporium_products.config import ProductsSettings
 from emporium_products.main import build_app
-from emporium_testbed.process import free_port
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 
@@ -22,25 +18,12 @@ ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 schema = schemathesis.openapi.from_dict(build_app(ProductsSettings(internal_token=TOKEN)).openapi())
 
 
-def serve_in_thread(app):
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    return server, thread, f"http://127.0.0.1:{server.config.port}"
-
-
 @pytest.fixture(scope="module")
 def fuzz_target(postgres):
     tokens = testing.TokenFactory()
     url = testing.create_test_database(postgres, "fuzz_products")
     upgrade_head(ALEMBIC_INI, url)
-    server, thread, base = serve_in_thread(
+    server, thread, base = testing.serve_in_thread(
         build_app(ProductsSettings(database_url=url, internal_token=TOKEN), token_verifier=tokens.verifier())
     )
     headers = {**tokens.auth_header("fuzz-admin", roles=["admin"]), "X-Internal-Token": TOKEN}

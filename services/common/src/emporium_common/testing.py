@@ -150,3 +150,26 @@ class TokenFactory:
 
     def auth_header(self, sub: str = "1", **kwargs: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(sub, **kwargs)}"}
+
+
+def serve_in_thread(app: FastAPI, timeout: float = 20) -> tuple[Any, Any, str]:
+    """Run app with uvicorn on a free loopback port in a daemon thread (for tests that need a real HTTP
+    server, e.g. schemathesis). Returns (server, thread, base URL); stop with ``server.should_exit = True``
+    and ``thread.join()``."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        raise RuntimeError(f"the test server did not start within {timeout} s")
+    return server, thread, f"http://127.0.0.1:{port}"
