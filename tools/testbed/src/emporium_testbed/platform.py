@@ -403,6 +403,8 @@ class LocalPlatform:
         rows = [(c.name, c.running, c.detail) for c in self.servers.status()]
         ports = self._ports()
         for pid_file in sorted(self.run_dir.glob("*.pid")):
+            if pid_file == self.servers.smtp.pid_path:
+                continue  # listed with the servers above
             process = ManagedProcess(pid_file.stem, [], self.logs / "status.log", pid_path=pid_file)
             name = pid_file.stem.split("-", 1)[1]
             port = ports.get(f"{name}/http")
