@@ -14,7 +14,6 @@ from fastapi import FastAPI
 
 from .config import NotificationsSettings
 from .consumer import make_handler
-from .db_errors import install_db_error_handlers
 from .mailer import Mailer
 from .realtime import Hub, Listener
 from .routes import router, ws_router
@@ -66,5 +65,4 @@ def build_app(
     app.state.mailer = Mailer(app.state.engine, settings)
     app.state.consumer = None
     app.state.listener = None
-    install_db_error_handlers(app)
     return app

@@ -13,7 +13,6 @@ from emporium_common.outbox import OutboxRelay
 from fastapi import FastAPI
 
 from .config import OrdersSettings
-from .db_errors import install_db_error_handlers
 from .products_client import ProductsClient
 from .reaper import ReservationReaper
 from .routes import router
@@ -68,5 +67,4 @@ def build_app(
         timeout=settings.products_timeout_seconds,
         transport=products_transport,
     )
-    install_db_error_handlers(app)
     return app

@@ -6,7 +6,6 @@ from emporium_common import TokenVerifier, create_app
 from fastapi import FastAPI
 
 from .config import ProductsSettings
-from .db_errors import install_db_error_handlers
 from .routes import internal_router, router
 
 
@@ -17,5 +16,4 @@ def build_app(
     app = create_app(
         settings, [router, internal_router], title="Emporium products", token_verifier=token_verifier
     )
-    install_db_error_handlers(app)
     return app
