@@ -19,6 +19,12 @@ stamps=$cache/toolchain/stamps
 mkdir -p "$bin" "$stamps"
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+# One build at a time per cache: a second `make test` started meanwhile waits instead of building twice.
+exec 9>"$cache/toolchain/.lock"
+if ! flock -n 9; then
+  echo "toolchain: another build holds $cache/toolchain/.lock; waiting for it" >&2
+  flock 9
+fi
 log() { echo "toolchain: $*" >&2; }
 
 # version_of TOOL BINARY: the version string the binary reports, for comparison with the pin.
