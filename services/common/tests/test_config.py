@@ -3,6 +3,7 @@ from emporium_common.config import Settings, to_asyncpg_url
 from pydantic import ValidationError
 
 STRONG_DB = "postgresql://users_owner:Zr8s2k1x9Qw@db.emporium.svc:5432/users"
+JWKS = "http://users.emporium.svc.cluster.local:8000/.well-known/jwks.json"
 
 
 def test_database_url_switches_to_asyncpg():
@@ -37,10 +38,12 @@ def test_reads_environment(monkeypatch):
         {"amqp_url": "amqp://guest:guest@rabbit:5672/"},
         {"log_level": "DEBUG"},
         {"otel_traces_exporter": "otlp"},
+        {"jwks_url": None},
+        {"jwks_url": "file:///etc/jwks.json"},
     ],
 )
 def test_production_refuses_weak_config(overrides):
-    values = {"environment": "production", "database_url": STRONG_DB, **overrides}
+    values = {"environment": "production", "database_url": STRONG_DB, "jwks_url": JWKS, **overrides}
     with pytest.raises(ValidationError, match="refusing weak production configuration"):
         Settings(**values)
 
@@ -50,6 +53,7 @@ def test_production_accepts_strong_config():
         environment="production",
         database_url=STRONG_DB,
         amqp_url="amqp://svc:Zr8s2k1x9Qw@rabbit:5672/emporium",
+        jwks_url=JWKS,
     )
     assert settings.is_production
 

@@ -6,7 +6,7 @@ configuration instead of starting with it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -26,6 +26,9 @@ def to_asyncpg_url(url: str) -> str:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+    # Services that check tokens against the users service's key set need JWKS_URL in production (without
+    # it every authenticated route would fail); the users service verifies its own tokens and says False.
+    requires_jwks_url: ClassVar[bool] = True
 
     service_name: str = "emporium"
     environment: Literal["local", "development", "production"] = "local"
@@ -57,6 +60,10 @@ class Settings(BaseSettings):
     def is_production(self) -> bool:
         return self.environment == "production"
 
+    def production_problems(self) -> list[str]:
+        """A service's own production checks (override and extend); each string names one problem."""
+        return []
+
     @model_validator(mode="after")
     def _refuse_weak_production_config(self) -> Settings:
         if not self.is_production:
@@ -71,6 +78,11 @@ class Settings(BaseSettings):
             amqp = urlsplit(self.amqp_url)
             if (amqp.password or "") in WEAK_SECRETS:
                 problems.append("AMQP_URL has an empty or default password")
+        if self.requires_jwks_url and not self.jwks_url:
+            problems.append("JWKS_URL is not set (tokens could not be verified)")
+        elif self.jwks_url and urlsplit(self.jwks_url).scheme not in {"http", "https"}:
+            problems.append("JWKS_URL must be an http(s) URL")
+        problems.extend(self.production_problems())
         if self.log_level == "DEBUG":
             problems.append("LOG_LEVEL=DEBUG logs request details in production")
         if self.otel_traces_exporter == "otlp" and not self.otel_exporter_otlp_endpoint:

@@ -28,12 +28,24 @@ SQLModel.metadata.naming_convention = NAMING_CONVENTION
 
 
 def create_engine(settings_or_url: Settings | str, *, pool_size: int = 5) -> AsyncEngine:
-    """An asyncpg engine; pool_pre_ping drops connections a restarted Postgres has closed."""
+    """An asyncpg engine.
+
+    - pool_pre_ping: a pooled connection that a restarted Postgres closed is noticed at checkout and
+      replaced, so the first read after a restart does not fail on a dead connection.
+    - hide_parameters: SQL errors (and their logs) show the statement but never the bound values
+      (emails, password hashes, tokens).
+    """
     if isinstance(settings_or_url, Settings):
         url, pool_size = settings_or_url.database_url, settings_or_url.database_pool_size
     else:
         url = to_asyncpg_url(settings_or_url)
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        hide_parameters=True,
+    )
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

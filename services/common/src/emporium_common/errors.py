@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .request_id import get_request_id
@@ -84,10 +84,56 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, _validation_details(exc))
 
 
+# SQLSTATE classes that mean "the database cannot serve you right now", not "your statement is wrong":
+# 08 connection exception, 57P01-57P05 operator intervention (shutting down, starting up, crashed,
+# dropped, idle timeout), 53 insufficient resources (too many connections, out of disk or memory).
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53")
+
+
+def _unavailable_cause(exc: BaseException) -> bool:
+    import asyncpg  # the only driver we use; imported here so errors.py stays importable without it
+
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)):
+        return True  # refused, reset, timed out, or asyncpg's "connection is closed"
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean the database is restarting, unreachable or overloaded (retry later)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError):
+            if current.connection_invalidated:
+                return True
+            if current.orig is not None and _unavailable_cause(current.orig):
+                return True
+        elif _unavailable_cause(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _log_parameters_hidden(exc: BaseException) -> str:
+    # str(DBAPIError) ends with "[SQL: ...] [parameters: ...]": the statement helps, the parameters may be
+    # emails or password hashes. The engine hides them already (hide_parameters); this is a second guard.
+    if isinstance(exc, DBAPIError):
+        return f"{type(exc).__name__}: {exc.orig!r}" if exc.orig is not None else type(exc).__name__
+    return repr(exc)
+
+
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # Not the caller's fault and likely temporary: 503 says "retry", a 500 would say "bug".
-    log.warning("database unavailable: %r", exc)
+    log.warning("database unavailable: %s", _log_parameters_hidden(exc))
     return error_response(503, "Database unavailable", "service_unavailable", {"Retry-After": "1"})
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_database_unavailable(exc):
+        return await _database_unavailable(request, exc)
+    return await _unhandled(request, exc)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -99,6 +145,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for exc_type in (OperationalError, InterfaceError, ConnectionError, TimeoutError):
+    # Every DBAPIError is looked at: "the database system is starting up" is neither an OperationalError
+    # nor an InterfaceError with asyncpg, and must not become a 500.
+    app.add_exception_handler(DBAPIError, _database_error)
+    for exc_type in (ConnectionError, TimeoutError):
         app.add_exception_handler(exc_type, _database_unavailable)
     app.add_exception_handler(Exception, _unhandled)

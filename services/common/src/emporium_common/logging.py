@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -11,6 +12,21 @@ from .request_id import get_request_id
 
 # Attributes every LogRecord has; anything else passed via ``extra=`` is logged as a field.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+# Personal data that database errors echo: Postgres's "DETAIL:  Key (email)=(ada@example.com) already
+# exists." and SQLAlchemy's "[parameters: (...)]" (the engine hides them; this also covers other engines).
+_REDACTIONS = (
+    (re.compile(r"(Key \((?:[^()]|\([^()]*\))*\)=\()(?:[^()]|\([^()]*\))*(\))"), r"\1<redacted>\2"),
+    (re.compile(r"\[parameters: .*?\](?=\s*(?:\(Background|$))", re.S | re.M), "[parameters: <redacted>]"),
+)
+
+
+def redact(text: str) -> str:
+    """Remove values that database errors copy into their messages (see _REDACTIONS)."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def _trace_ids() -> tuple[str | None, str | None]:
@@ -35,7 +51,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "service": self.service,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         request_id = get_request_id()
         if request_id:
@@ -47,7 +63,7 @@ class JSONFormatter(logging.Formatter):
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
+            entry["exc_info"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 

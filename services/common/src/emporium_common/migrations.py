@@ -51,7 +51,7 @@ def _do_run(connection: Connection, target_metadata: MetaData) -> None:
 
 
 async def _run_online(url: str, target_metadata: MetaData) -> None:
-    engine = create_async_engine(url, poolclass=pool.NullPool)
+    engine = create_async_engine(url, poolclass=pool.NullPool, hide_parameters=True)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_do_run, target_metadata)

@@ -22,3 +22,10 @@ class NotificationsSettings(Settings):
     mail_retry_base_seconds: float = Field(default=2.0, gt=0, le=3600)
     # Background work (consumer, mailer, websocket fan-out listener) runs in the API process.
     background_workers: bool = True
+
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        if (self.smtp_username or self.smtp_password) and not self.smtp_starttls:
+            # The password would cross the network in clear text (AUTH PLAIN/LOGIN is base64).
+            problems.append("SMTP credentials without SMTP_STARTTLS=true")
+        return problems

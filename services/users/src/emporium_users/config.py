@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from emporium_common import Settings
 from pydantic import Field, model_validator
@@ -12,6 +13,7 @@ from .models import UserCreate
 
 class UsersSettings(Settings):
     service_name: str = "users"
+    requires_jwks_url: ClassVar[bool] = False  # it verifies its own tokens with its own keys
     # PEM private keys: current.pem signs; next.pem and previous.pem are only published (rotation).
     jwt_keys_dir: Path = Path(".local/jwt-keys")
     access_token_minutes: int = Field(default=15, ge=1, le=60)
