@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make test` and `make up` need on a fresh machine and is a no-op once it is there:
-# uv, the Python environment (from uv.lock), and (as root, via apt) RabbitMQ, promtool and Postgres 15.
+# uv, the Python environment (from uv.lock), (as root, via apt) RabbitMQ, promtool, Postgres 15, Java and
+# Maven, and the test bed's OpenID provider (mock-oauth2-server's jars, from Maven Central, once).
 # Go (for the toolchain build) must already be on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,9 @@ log() { echo "bootstrap: $*" >&2; }
 need_apt=()
 command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# Java and Maven: the test bed's OpenID provider (mock-oauth2-server) is a Java program from Maven Central.
+command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql-15)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -32,3 +36,5 @@ if ! command -v uv >/dev/null 2>&1; then
   export PATH="$HOME/.local/bin:$PATH"
 fi
 uv sync --all-packages --locked --quiet
+# The test bed's OpenID provider (mock-oauth2-server): jars from Maven Central into ~/.cache/emporium, once.
+uv run --locked python -m emporium_testbed.oidc install >/dev/null

@@ -6,7 +6,14 @@ from emporium_common import testing
 from emporium_users.main import build_app
 from emporium_users.models import SQLModel
 
-OURS = {"users", "refresh_tokens", "login_attempts"}
+OURS = {
+    "users",
+    "refresh_tokens",
+    "login_attempts",
+    "external_identities",
+    "oidc_login_states",
+    "oidc_login_codes",
+}
 
 
 def _table_of(diff) -> str | None:

@@ -9,6 +9,7 @@ from emporium_common import Settings
 from pydantic import Field, model_validator
 
 from .models import UserCreate
+from .oidc_config import OIDCProvider
 
 
 class UsersSettings(Settings):
@@ -30,6 +31,37 @@ class UsersSettings(Settings):
     # How many reverse proxies (Istio ingress = 1) append to X-Forwarded-For in front of us; 0 = use the
     # socket peer. Trusting more hops than exist lets clients pick their own address.
     trusted_proxy_hops: int = Field(default=0, ge=0, le=5)
+
+    # Sign-in with OpenID Connect providers (JSON list in OIDC_PROVIDERS; see oidc_config.py and README).
+    oidc_providers: list[OIDCProvider] = Field(default_factory=list)
+    # Public base URL of the edge (https://shop.example.com); redirect URI: <base>/auth/oidc/<name>/callback.
+    # Empty: taken from the request (fine locally; behind a proxy set it).
+    oidc_redirect_base_url: str | None = None
+    # A Secret mounted as files: the client secret of provider <name> is the file <dir>/<name>.
+    oidc_client_secrets_dir: Path | None = None
+    # Absolute return_to URLs must start with one of these origins (relative paths are always allowed).
+    oidc_allowed_return_origins: list[str] = Field(default_factory=list)
+    # The browser-binding cookie is Secure (HTTPS only) unless this is false (plain-HTTP local runs).
+    oidc_cookie_secure: bool = True
+    oidc_login_timeout_seconds: int = Field(default=600, ge=60, le=3600)
+    oidc_code_lifetime_seconds: int = Field(default=60, ge=10, le=600)
+
+    @model_validator(mode="after")
+    def _check_oidc(self) -> UsersSettings:
+        names = [p.name for p in self.oidc_providers]
+        if len(names) != len(set(names)):
+            raise ValueError("OIDC_PROVIDERS: provider names must be unique")
+        for provider in self.oidc_providers:
+            provider.load_secret(self.oidc_client_secrets_dir)
+        if self.is_production:
+            for provider in self.oidc_providers:
+                if not provider.issuer.startswith("https://"):
+                    raise ValueError(
+                        f"refusing weak production configuration: OIDC issuer of {provider.name} is not https"
+                    )
+            if self.oidc_providers and not self.oidc_cookie_secure:
+                raise ValueError("refusing weak production configuration: OIDC_COOKIE_SECURE=false")
+        return self
 
     @model_validator(mode="after")
     def _check_admin(self) -> UsersSettings:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -13,7 +15,16 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .models import LoginAttempt, RefreshToken, Role, User, UserCreate
+from .models import (
+    ExternalIdentity,
+    LoginAttempt,
+    OIDCLoginCode,
+    OIDCLoginState,
+    RefreshToken,
+    Role,
+    User,
+    UserCreate,
+)
 from .security import hash_password, hash_refresh_token, new_refresh_token
 
 
@@ -159,3 +170,107 @@ async def record_attempt(*, session: AsyncSession, email: str, address: str, suc
     if random.random() < 0.01:  # noqa: S311 - housekeeping now and then, not security
         cutoff = datetime.now(UTC) - timedelta(days=1)
         await session.exec(delete(LoginAttempt).where(LoginAttempt.attempted_at < cutoff))
+
+
+# Sign-in with OpenID Connect providers
+
+
+async def add_login_state(*, session: AsyncSession, state: OIDCLoginState) -> None:
+    session.add(state)
+    if random.random() < 0.05:  # noqa: S311 - housekeeping now and then, not security
+        now = datetime.now(UTC)
+        await session.exec(delete(OIDCLoginState).where(OIDCLoginState.expires_at < now))
+        await session.exec(delete(OIDCLoginCode).where(OIDCLoginCode.expires_at < now))
+
+
+async def take_login_state(*, session: AsyncSession, state_hash: str, provider: str) -> OIDCLoginState | None:
+    """The started login with this state, removed so it cannot be used twice; None if unknown or expired."""
+    row = (
+        await session.exec(
+            delete(OIDCLoginState)
+            .where(
+                OIDCLoginState.state_hash == state_hash,
+                OIDCLoginState.provider == provider,
+                OIDCLoginState.expires_at > datetime.now(UTC),
+            )
+            .returning(*OIDCLoginState.__table__.columns)
+        )
+    ).first()
+    return OIDCLoginState(**row._mapping) if row is not None else None
+
+
+async def add_login_code(*, session: AsyncSession, user: User, code_hash: str, lifetime: timedelta) -> None:
+    session.add(OIDCLoginCode(code_hash=code_hash, user_id=user.id, expires_at=datetime.now(UTC) + lifetime))
+
+
+async def take_login_code(*, session: AsyncSession, code_hash: str) -> int | None:
+    """The user id of a one-time login code, spending it; None if unknown, spent or expired."""
+    row = (
+        await session.exec(
+            delete(OIDCLoginCode)
+            .where(OIDCLoginCode.code_hash == code_hash, OIDCLoginCode.expires_at > datetime.now(UTC))
+            .returning(OIDCLoginCode.user_id)
+        )
+    ).first()
+    return row[0] if row is not None else None
+
+
+async def get_identity(*, session: AsyncSession, issuer: str, subject: str) -> ExternalIdentity | None:
+    query = select(ExternalIdentity).where(
+        ExternalIdentity.issuer == issuer, ExternalIdentity.subject == subject
+    )
+    return (await session.exec(query)).scalars().first()
+
+
+async def list_identities(*, session: AsyncSession, user_id: int) -> list[ExternalIdentity]:
+    query = select(ExternalIdentity).where(ExternalIdentity.user_id == user_id).order_by(ExternalIdentity.id)
+    return list((await session.exec(query)).scalars().all())
+
+
+class IdentityTaken(Exception):
+    """This (issuer, sub) already belongs to an account."""
+
+
+async def add_identity(
+    *, session: AsyncSession, user_id: int, provider: str, issuer: str, subject: str, email: str | None
+) -> ExternalIdentity:
+    identity = ExternalIdentity(
+        user_id=user_id, provider=provider, issuer=issuer, subject=subject, email=email
+    )
+    try:
+        async with (
+            session.begin_nested()
+        ):  # a concurrent callback for the same identity: the constraint decides
+            session.add(identity)
+            await session.flush()
+    except IntegrityError:
+        raise IdentityTaken from None
+    return identity
+
+
+def _username_base(hint: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "", hint)[:40]
+    return base if len(base) >= 3 else f"user{base}"
+
+
+async def create_external_user(*, session: AsyncSession, email: str, username_hint: str) -> User:
+    """A new account without a password (it signs in through its provider). DuplicateUser: email taken."""
+    base = _username_base(username_hint)
+    for attempt in range(6):
+        username = base if attempt == 0 else f"{base}-{secrets.token_hex(3)}"
+        user = User(email=email, username=username, hashed_password=None)
+        try:
+            async with session.begin_nested():
+                session.add(user)
+                await session.flush()
+        except IntegrityError:
+            if await get_user_by_email(session=session, email=email) is not None:
+                raise DuplicateUser from None
+            continue  # the username is taken: another suffix
+        add_event(
+            session,
+            USER_REGISTERED,
+            {"user_id": str(user.id), "email": user.email, "username": user.username},
+        )
+        return user
+    raise DuplicateUser

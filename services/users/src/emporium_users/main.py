@@ -17,7 +17,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import crud
 from .config import UsersSettings
 from .keys import KeyRing, generate_local_keys
-from .routes import users, wellknown
+from .oidc import ProviderClient
+from .routes import oidc, users, wellknown
 
 log = logging.getLogger("emporium.users")
 
@@ -88,12 +89,14 @@ def build_app(settings: UsersSettings | None = None, keys: KeyRing | None = None
     )
     app = create_app(
         settings,
-        [users.router, wellknown.router],
+        [users.router, oidc.router, wellknown.router],
         title="Emporium users",
         token_verifier=verifier,
         lifespan=lifespan,
     )
     app.state.keys = keys
+    # One client per configured provider: each caches its discovery document and key set.
+    app.state.oidc_clients = {p.name: ProviderClient(p) for p in settings.oidc_providers}
     return app
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from emporium_common import db as _db  # noqa: F401 - sets the constraint naming convention first
 from pydantic import AfterValidator, BeforeValidator, EmailStr
-from sqlalchemy import CheckConstraint, Column, DateTime, ForeignKey, String, func
+from sqlalchemy import CheckConstraint, Column, DateTime, ForeignKey, String, UniqueConstraint, func
 from sqlmodel import Field, SQLModel
 
 PASSWORD_MAX_BYTES = 72  # bcrypt's limit: longer passwords are refused, never silently cut
@@ -72,7 +72,8 @@ class User(UserBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
     email: str = Field(max_length=255, sa_column_kwargs={"unique": True}, index=False)
     username: str = Field(max_length=50, sa_column_kwargs={"unique": True})
-    hashed_password: str = Field(max_length=255)
+    # None for accounts made through an OpenID Connect provider: no password login until one is set.
+    hashed_password: str | None = Field(default=None, max_length=255, nullable=True)
     is_active: bool = Field(default=True)
     role: Role = Field(default=Role.customer, sa_type=String(20))
     created_at: datetime | None = Field(default=None, sa_column=_timestamp())
@@ -125,6 +126,56 @@ class LoginAttempt(SQLModel, table=True):
     attempted_at: datetime | None = Field(default=None, sa_column=_timestamp(index=True))
 
 
+class ExternalIdentity(SQLModel, table=True):
+    """An account at an OpenID Connect provider, keyed by (issuer, sub) as the spec says (never by email)."""
+
+    __tablename__ = "external_identities"
+    __table_args__ = (UniqueConstraint("issuer", "subject"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(
+        sa_column=Column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    provider: str = Field(max_length=32)
+    issuer: str = Field(max_length=255)
+    subject: str = Field(max_length=255)
+    email: str | None = Field(default=None, max_length=255)
+    created_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    last_login_at: datetime | None = Field(default=None, sa_column=_timestamp())
+
+
+class OIDCLoginState(SQLModel, table=True):
+    """One started sign-in: what the callback needs to check and finish it. Used once, then deleted."""
+
+    __tablename__ = "oidc_login_states"
+
+    state_hash: str = Field(max_length=64, primary_key=True)
+    provider: str = Field(max_length=32)
+    nonce: str = Field(max_length=128)
+    code_verifier: str = Field(max_length=128)
+    # SHA-256 of the random value in the browser's cookie: the callback must come from the same browser.
+    browser_hash: str = Field(max_length=64)
+    redirect_uri: str = Field(max_length=1024)
+    return_to: str | None = Field(default=None, max_length=2048)
+    # Set when a signed-in user links this provider to their account.
+    link_user_id: int | None = Field(
+        default=None, sa_column=Column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
+    )
+    created_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+
+
+class OIDCLoginCode(SQLModel, table=True):
+    """The one-time code a finished sign-in ends with; the client exchanges it (POST) for tokens."""
+
+    __tablename__ = "oidc_login_codes"
+
+    code_hash: str = Field(max_length=64, primary_key=True)
+    user_id: int = Field(sa_column=Column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False))
+    created_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+
+
 # API shapes
 
 
@@ -142,3 +193,26 @@ class Token(SQLModel):
     token_type: str = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
     expires_in: int
     refresh_token: str
+
+
+class OIDCProviderPublic(SQLModel):
+    name: str
+    display_name: str
+    start_url: str
+
+
+class OIDCCodeExchange(SQLModel):
+    code: str = Field(min_length=1, max_length=128)
+
+
+class OIDCLinkRequest(SQLModel):
+    return_to: str | None = Field(default=None, max_length=2048)
+
+
+class OIDCAuthorization(SQLModel):
+    authorization_url: str
+
+
+class OIDCLoginCodeResponse(SQLModel):
+    code: str
+    expires_in: int

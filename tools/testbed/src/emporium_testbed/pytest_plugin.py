@@ -1,8 +1,8 @@
 """pytest fixtures for the test bed: session-scoped, started on first use, stopped at the end.
 
 Use them by name in any test of the repository (the root conftest.py loads this plugin):
-``control_plane``, ``postgres``, ``rabbitmq``, ``smtp_sink``. A component that cannot start fails the
-tests that need it with the reason and its log file; nothing is skipped.
+``control_plane``, ``postgres``, ``rabbitmq``, ``smtp_sink``, ``oidc_provider``. A component that cannot
+start fails the tests that need it with the reason and its log file; nothing is skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from .controlplane import ControlPlane
+from .oidc import MockOIDCProvider
 from .postgres import PostgresServer
 from .rabbitmq import RabbitMQServer
 from .smtp import SMTPSink
@@ -77,6 +78,13 @@ def control_plane(testbed_dir: Path) -> Iterator[ControlPlane]:
 def smtp_sink(testbed_dir: Path) -> Iterator[SMTPSink]:
     """An SMTP server on 127.0.0.1 that keeps what it receives (``smtp_sink.messages``)."""
     yield from _serve(SMTPSink(maildir=testbed_dir / "mail").start())
+
+
+@pytest.fixture(scope="session")
+def oidc_provider(testbed_dir: Path) -> Iterator[MockOIDCProvider]:
+    """A real OpenID provider (mock-oauth2-server) on 127.0.0.1; ``oidc_provider.issuer("any-id")`` is an
+    issuer of its own, ``oidc_provider.sign_in(authorize_url, sub, claims)`` plays the browser's login."""
+    yield from _serve(MockOIDCProvider(testbed_dir / "oidc").start())
 
 
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
