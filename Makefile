@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
 ARGS ?=
 
-.PHONY: help tools deps lint format test bench kind-up kind-down up down status
+.PHONY: help tools deps lint format test bench kind-up kind-dev kind-down up down status
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,11 +28,14 @@ test: ## Install what is missing, then lint and run every test (ARGS="..." goes 
 bench: ## Print throughput, latency and operator figures (bounded; loopback only)
 	@bash tools/bench.sh
 
-kind-up: ## Create the kind cluster "emporium", install the add-ons, deploy with skaffold (needs Docker; ARGS=--dev)
-	@bash k8s/kind-up.sh $(ARGS)
+kind-up: ## Create (or reuse) the kind cluster "emporium" and deploy Emporium on it (ARGS=--ha: 3 nodes)
+	@bash tools/kind/cluster.sh up $(ARGS)
 
-kind-down: ## Delete the kind cluster
-	@kind delete cluster --name emporium
+kind-dev: ## kind-up, then skaffold dev (rebuild and redeploy on every change)
+	@bash tools/kind/cluster.sh dev $(ARGS)
+
+kind-down: ## Delete the kind cluster and everything kind-up made
+	@bash tools/kind/cluster.sh down
 
 up: ## Run the whole platform locally (control plane, operator, services, ingress on 127.0.0.1:8080)
 	@bash tools/platform.sh up

@@ -10,6 +10,15 @@ EMPORIUM_TOOLCHAIN_BIN=$(bash tools/toolchain/build.sh | tail -n 1)
 export EMPORIUM_TOOLCHAIN_BIN
 export PATH="$EMPORIUM_TOOLCHAIN_BIN:$PATH"
 
+# The kind suite runs when Docker can run containers: as root this installs Debian's docker.io and starts a dockerd
+# when none answers (tools/kind/lib.sh ensure_docker); otherwise it says why and the kind tests are skipped.
+if bash tools/kind/cluster.sh docker; then
+  export EMPORIUM_DOCKER=1
+else
+  echo "== no usable Docker engine: the kind tests are skipped" >&2
+  export EMPORIUM_DOCKER=0
+fi
+
 echo "== ruff"
 uv run --locked ruff check .
 uv run --locked ruff format --check .
