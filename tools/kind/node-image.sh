@@ -56,18 +56,20 @@ kube_ldflags() {
   echo "$out"
 }
 
-# --- kind and buildx (needed whether the node image is pulled or built) ---------------------------------------
+# --- kind (needed whether the node image is pulled or built; buildx too, at the end) -----------------------------
 k_kind=$(recipe_key "$KIND_VERSION")
 step kind/go-install "$k_kind" "[ -x '$KIND_BIN/kind' ]" -- go_install "$KIND_BIN" "sigs.k8s.io/kind@$KIND_VERSION" ""
 
-k_buildx=$(modkey "$MODS/buildx")
-step buildx/go-build "$k_buildx" "[ -x '$KIND_BIN/docker-buildx' ]" -- \
-  go_build "$MODS/buildx" "$KIND_BIN/docker-buildx" "-X github.com/docker/buildx/version.Version=$BUILDX_VERSION" \
-  github.com/docker/buildx/cmd/buildx
-mkdir -p "$KIND_CACHE/docker-config/cli-plugins"
-ln -sf "$KIND_BIN/docker-buildx" "$KIND_CACHE/docker-config/cli-plugins/docker-buildx"
-# docker 20.10's CLI runs `docker build` through buildx only with this alias (what `docker buildx install` writes)
-[ -f "$KIND_CACHE/docker-config/config.json" ] || echo '{"aliases": {"builder": "buildx"}}' >"$KIND_CACHE/docker-config/config.json"
+ensure_buildx() { # the docker-buildx CLI plugin skaffold's useBuildkit needs, in $KIND_CACHE/docker-config
+  k_buildx=$(modkey "$MODS/buildx")
+  step buildx/go-build "$k_buildx" "[ -x '$KIND_BIN/docker-buildx' ]" -- \
+    go_build "$MODS/buildx" "$KIND_BIN/docker-buildx" "-X github.com/docker/buildx/version.Version=$BUILDX_VERSION" \
+    github.com/docker/buildx/cmd/buildx
+  mkdir -p "$KIND_CACHE/docker-config/cli-plugins"
+  ln -sf "$KIND_BIN/docker-buildx" "$KIND_CACHE/docker-config/cli-plugins/docker-buildx"
+  # docker 20.10's CLI runs `docker build` through buildx only with this alias (what `docker buildx install` writes)
+  [ -f "$KIND_CACHE/docker-config/config.json" ] || echo '{"aliases": {"builder": "buildx"}}' >"$KIND_CACHE/docker-config/config.json"
+}
 
 ensure_docker
 
@@ -77,6 +79,7 @@ recipe=$(recipe_key "$here/node-image.sh" "$here/node/entrypoint" "$here/node/ip
 if [ "${EMPORIUM_BUILD_NODE:-0}" != 1 ] && ! have_image "$(cat "$KIND_CACHE/node-image" 2>/dev/null || echo none)" &&
   try_pull "kindest/node:$KUBERNETES_VERSION"; then
   log "pulled kindest/node:$KUBERNETES_VERSION"
+  ensure_buildx
   echo "kindest/node:$KUBERNETES_VERSION" | tee "$KIND_CACHE/node-image"
   exit 0
 fi
@@ -103,11 +106,6 @@ step kube-router/go-build "$k_router" "[ -x '$KIND_BIN/kube-router' ]" -- go_bui
 k_lpp=$(modkey "$MODS/local-path-provisioner")
 step local-path-provisioner/go-build "$k_lpp" "[ -x '$KIND_BIN/local-path-provisioner' ]" -- \
   go_build "$MODS/local-path-provisioner" "$KIND_BIN/local-path-provisioner" "" github.com/rancher/local-path-provisioner
-
-k_ms=$(modkey "$MODS/metrics-server")
-step metrics-server/go-build "$k_ms" "[ -x '$KIND_BIN/metrics-server' ]" -- go_build "$MODS/metrics-server" \
-  "$KIND_BIN/metrics-server" "-X k8s.io/client-go/pkg/version.gitVersion=$METRICS_SERVER_VERSION" \
-  sigs.k8s.io/metrics-server/cmd/metrics-server
 
 # Kubernetes from the toolchain's wrapper module (tools/toolchain/kubernetes), with the toolchain's flags: kubelet,
 # kubeadm, kube-proxy, kube-scheduler and, cached from the toolchain's own build (same module, same Go build cache),
@@ -219,7 +217,7 @@ component() {
   ctx=$(mktemp -d)
   [ "$bin" = - ] || cp "$bin" "$ctx/"
   cat >"$ctx/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q --label "emporium.recipe=$k_components" -t "$1" "$ctx" >/dev/null
+  DOCKER_BUILDKIT=0 docker build -q --label "emporium.recipe=$recipe" -t "$1" "$ctx" >/dev/null
   local t
   for t in "${@:2}"; do docker tag "$1" "$t"; done
   rm -rf "$ctx"
@@ -261,7 +259,6 @@ EOF
   component "$KIND_BIN/coredns" "registry.k8s.io/coredns/coredns:$KUBEADM_COREDNS_TAG" <<EOF
 FROM scratch
 COPY coredns /coredns
-USER 65532:65532
 EXPOSE 53 53/udp
 ENTRYPOINT ["/coredns"]
 EOF
@@ -279,15 +276,9 @@ EOF
   component - "$LPP_HELPER_IMAGE" <<EOF
 FROM $NET_IMAGE
 EOF
-  component "$KIND_BIN/metrics-server" "$METRICS_SERVER_IMAGE" <<EOF
-FROM scratch
-COPY metrics-server /metrics-server
-USER 65534:65534
-ENTRYPOINT ["/metrics-server"]
-EOF
 }
-k_components=$(recipe_key "$recipe" "$k_net" "$k_pause" "$k_etcd" "$k_kube" "$k_coredns" "$k_router" "$k_lpp" "$k_ms" "$k_kind")
-all_components() { local i; for i in "${COMPONENT_IMAGES[@]}" "$METRICS_SERVER_IMAGE"; do have_image "$i" || return 1; done; }
+k_components=$(recipe_key "$recipe" "$k_net" "$k_pause" "$k_etcd" "$k_kube" "$k_coredns" "$k_router" "$k_lpp" "$k_kind")
+all_components() { local i; for i in "${COMPONENT_IMAGES[@]}"; do have_image "$i" || return 1; done; }
 step kind-node/component-images "$k_components" all_components -- build_components
 
 k_node=$(recipe_key "$k_base" "$k_components")
@@ -314,4 +305,22 @@ build_node() { # what `kind build node-image` does, from local images only
   docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' "$id" "$NODE_IMAGE"
 }
 step kind-node/node-image "$k_node" "have_image $NODE_IMAGE" -- build_node
+
+# metrics-server, for the HPAs of the ha profile (cluster.sh --ha loads it into the nodes)
+k_ms=$(modkey "$MODS/metrics-server")
+step metrics-server/go-build "$k_ms" "[ -x '$KIND_BIN/metrics-server' ]" -- go_build "$MODS/metrics-server" \
+  "$KIND_BIN/metrics-server" "-X k8s.io/client-go/pkg/version.gitVersion=$METRICS_SERVER_VERSION" \
+  sigs.k8s.io/metrics-server/cmd/metrics-server
+
+k_ms_image=$(recipe_key "$k_ms" "$recipe")
+build_metrics_server() {
+  component "$KIND_BIN/metrics-server" "$METRICS_SERVER_IMAGE" <<EOF
+FROM scratch
+COPY metrics-server /metrics-server
+USER 65534:65534
+ENTRYPOINT ["/metrics-server"]
+EOF
+}
+step metrics-server/image "$k_ms_image" "have_image $METRICS_SERVER_IMAGE" -- build_metrics_server
+ensure_buildx
 echo "$NODE_IMAGE" | tee "$KIND_CACHE/node-image"
