@@ -170,6 +170,19 @@ async def test_callback_ends_in_a_one_time_code_on_return_to(client, oidc_provid
     refused(await client.post("/auth/oidc/token", json={"code": code}), 400, "oidc_invalid_code")
 
 
+async def test_a_refusal_goes_back_to_return_to_with_its_code(client, oidc_provider):
+    # The browser's own login (state and cookie match): the page, not raw JSON, tells the person why.
+    authorize_url = await start(client, return_to="/login/oidc?next=/cart")
+    callback_url = oidc_provider.sign_in(authorize_url, new_sub(), {"nonce": "not-this-login"})
+    response = await callback(client, callback_url)
+    assert response.status_code == 303, response.text
+    location = urlsplit(response.headers["location"])
+    assert location.path == "/login/oidc"
+    assert parse_qs(location.query) == {"next": ["/cart"], "login_error": ["oidc_nonce_mismatch"]}
+    # A forged state never gets there: no trusted return_to without the login's own state.
+    refused(await callback(client, callback_url, state="forged"), 400, "oidc_invalid_state")
+
+
 @pytest.mark.parametrize("return_to", ["https://evil.example/x", "//evil.example/x", "account", "/\\evil"])
 async def test_return_to_is_never_an_open_redirect(client, return_to):
     response = await client.get("/auth/oidc/mock/start", params={"return_to": return_to})

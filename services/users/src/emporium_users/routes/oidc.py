@@ -217,7 +217,7 @@ async def link(
     "/{provider}/callback",
     response_model=OIDCLoginCodeResponse,
     responses={
-        303: {"description": "To return_to, with ?login_code=<one-time code>"},
+        303: {"description": "To return_to, with ?login_code=<one-time code> (or ?login_error=<code>)"},
         **_errors(
             400, "Forged, used or expired state; another browser; the provider said no; invalid ID token"
         ),
@@ -249,6 +249,42 @@ async def callback(
     browser = request.cookies.get(COOKIE, "")
     if not hmac.compare_digest(sha256_hex(browser), started.browser_hash):
         raise AppError(400, "This sign-in was started in another browser", "oidc_invalid_state")
+    # From here on the login is this browser's own: a refusal goes back to return_to as ?login_error=<code>
+    # (the page shows a message), or is the 4xx itself for API clients.
+    try:
+        user = await _finish(session, client, started, code, error)
+    except AppError as refusal:
+        if not started.return_to or refusal.status_code >= 500:
+            raise
+        await session.rollback()
+        target = _append(started.return_to, "login_error", refusal.code)
+        return RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER, headers=NO_STORE)
+    login_code = random_token()
+    await crud.add_login_code(
+        session=session,
+        user=user,
+        code_hash=sha256_hex(login_code),
+        lifetime=timedelta(seconds=settings.oidc_code_lifetime_seconds),
+    )
+    await session.commit()
+    log.info(
+        "OIDC sign-in", extra={"provider": provider, "user_id": user.id, "linked": bool(started.link_user_id)}
+    )
+    if started.return_to:
+        target = _append(started.return_to, "login_code", login_code)
+        return RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER, headers=NO_STORE)
+    body = OIDCLoginCodeResponse(code=login_code, expires_in=settings.oidc_code_lifetime_seconds)
+    return JSONResponse(body.model_dump(), headers=NO_STORE)
+
+
+def _append(url: str, name: str, value: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{name}={value}"
+
+
+async def _finish(
+    session: SessionDep, client: ProviderClient, started: OIDCLoginState, code: str | None, error: str | None
+) -> User:
+    """The provider's answer -> a verified identity -> the account (AppError with a code otherwise)."""
     if error:
         reason = error if re.fullmatch(r"[a-z_]{1,64}", error) else "error"
         raise AppError(400, f"The identity provider did not sign you in ({reason})", "oidc_provider_error")
@@ -263,25 +299,7 @@ async def callback(
         raise _refused(exc) from None
     except ProviderUnavailable as exc:
         raise _unavailable(exc) from None
-
-    user = await _account_for(session, client, claims, started.link_user_id)
-    login_code = random_token()
-    await crud.add_login_code(
-        session=session,
-        user=user,
-        code_hash=sha256_hex(login_code),
-        lifetime=timedelta(seconds=settings.oidc_code_lifetime_seconds),
-    )
-    await session.commit()
-    log.info(
-        "OIDC sign-in", extra={"provider": provider, "user_id": user.id, "linked": bool(started.link_user_id)}
-    )
-    if started.return_to:
-        separator = "&" if "?" in started.return_to else "?"
-        target = f"{started.return_to}{separator}login_code={login_code}"
-        return RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER, headers=NO_STORE)
-    body = OIDCLoginCodeResponse(code=login_code, expires_in=settings.oidc_code_lifetime_seconds)
-    return JSONResponse(body.model_dump(), headers=NO_STORE)
+    return await _account_for(session, client, claims, started.link_user_id)
 
 
 async def _account_for(
