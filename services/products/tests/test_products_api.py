@@ -94,7 +94,8 @@ async def test_put_replaces_but_keeps_is_active(client, admin):
     product = await create(client, admin)
     assert (await client.delete(f"/products/{product['id']}", headers=admin)).status_code == 204
     body = product_body(name="Replaced", sku=product["sku"], description=None)
-    response = await client.put(f"/products/{product['id']}", json=body, headers=admin)
+    etag = (await client.get(f"/products/{product['id']}")).headers["ETag"]
+    response = await client.put(f"/products/{product['id']}", json=body, headers=admin | {"If-Match": etag})
     assert response.status_code == 200
     data = response.json()
     assert data["name"] == "Replaced" and data["is_active"] is False and data["description"] is None
@@ -105,13 +106,14 @@ async def test_soft_delete_and_stock(client, admin):
     assert (await client.delete(f"/products/{product['id']}", headers=admin)).status_code == 204
     fetched = (await client.get(f"/products/{product['id']}")).json()
     assert fetched["is_active"] is False
-    response = await client.patch(
-        f"/products/{product['id']}/stock", json={"stock_quantity": 3}, headers=admin
-    )
+    response = await client.patch(f"/products/{product['id']}/stock", json={"delta": -7}, headers=admin)
     assert response.status_code == 200 and response.json()["stock_quantity"] == 3
+    assert (await client.patch("/products/999999/stock", json={"delta": 3}, headers=admin)).status_code == 404
     assert (
-        await client.patch("/products/999999/stock", json={"stock_quantity": 3}, headers=admin)
-    ).status_code == 404
+        await client.patch(
+            f"/products/{product['id']}/stock", json={"delta": 1, "stock_quantity": 1}, headers=admin
+        )
+    ).status_code == 422
     assert (await client.get("/products/999999")).status_code == 404
     assert (await client.get("/products/99999999999")).status_code == 422
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
 from emporium_common import AppError
+from emporium_common.domain import MAX_INT, merge_lines
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -54,15 +54,68 @@ async def list_products(
     return list(rows.all()), int(total)
 
 
-async def get_product(session: AsyncSession, product_id: int) -> Product:
-    product = await session.get(Product, product_id)
+async def get_product(session: AsyncSession, product_id: int, *, lock: bool = False) -> Product:
+    product = await session.get(Product, product_id, with_for_update=lock or None)
     if product is None:
         raise AppError(404, "Product not found")
     return product
 
 
+def etag(product: Product) -> str:
+    return f'"{product.id}-{product.version}"'
+
+
+def check_if_match(product: Product, if_match: str | None, *, required: bool) -> None:
+    """Optimistic concurrency for writes: ``If-Match`` must name the current ETag (412 otherwise).
+
+    ``required``: the write sets an absolute stock level, which silently undoes any reservation committed
+    since the client read the product; without ``If-Match`` it is refused with 428.
+    """
+    if if_match is None:
+        if required:
+            raise AppError(
+                428,
+                "Setting an absolute stock level needs If-Match with the product's ETag "
+                '(or send {"delta": n} to PATCH /products/{id}/stock)',
+                "precondition_required",
+            )
+        return
+    tags = {tag.strip().removeprefix("W/") for tag in if_match.split(",")}
+    if "*" not in tags and etag(product) not in tags:
+        raise AppError(
+            412,
+            "The product changed since it was read (stale If-Match): read it again and retry",
+            "precondition_failed",
+            headers={"ETag": etag(product)},
+        )
+
+
+async def add_stock(session: AsyncSession, product_id: int, delta: int) -> Product:
+    """Add ``delta`` (may be negative) atomically: concurrent reservations are never undone."""
+    stock = col(Product.stock_quantity)
+    row = (
+        await session.exec(
+            sa.update(Product)
+            .where(col(Product.id) == product_id, stock + delta >= 0, stock + delta <= MAX_INT)
+            .values(stock_quantity=stock + delta, version=col(Product.version) + 1, updated_at=sa.func.now())
+            .returning(col(Product.id))
+        )
+    ).first()
+    if row is None:
+        await session.rollback()
+        product = await get_product(session, product_id)
+        raise AppError(
+            409,
+            f"Stock of product {product_id} cannot change by {delta}: {product.stock_quantity} in stock",
+            "insufficient_stock",
+        )
+    await session.commit()
+    return await get_product(session, product_id)
+
+
 async def save_product(session: AsyncSession, product: Product) -> Product:
-    """Commit (409 on a duplicate SKU) and reload."""
+    """Commit (409 on a duplicate SKU) with a new version, and reload."""
+    product.version = (product.version or 0) + 1
     session.add(product)
     try:
         await session.commit()
@@ -80,13 +133,6 @@ async def sku_taken(session: AsyncSession, sku: str, exclude_id: int | None = No
     if exclude_id is not None:
         query = query.where(col(Product.id) != exclude_id)
     return (await session.exec(query)).first() is not None
-
-
-def merge_lines(lines: list[ReservationLine]) -> dict[int, int]:
-    merged: dict[int, int] = defaultdict(int)
-    for line in lines:
-        merged[line.product_id] += line.quantity
-    return dict(merged)
 
 
 async def reserve_stock(
@@ -119,7 +165,7 @@ async def reserve_stock(
         stored = {int(line["product_id"]): int(line["quantity"]) for line in existing.lines}
         if merged != stored:
             await session.rollback()
-            raise AppError(409, "Reservation id already used for different lines")
+            raise AppError(409, "Reservation id already used for different lines", "reservation_conflict")
         if existing.status == "reserved":
             return existing, False  # the session's end releases the row lock
         # Released (its order was never stored, or a reaper gave the stock back): reserve it again.
@@ -160,15 +206,11 @@ async def reserve_stock(
                 "price": str(product.price),
             }
         )
-    for line in reserved:
-        result = await session.exec(
-            sa.update(Product)
-            .where(col(Product.id) == line["product_id"], col(Product.stock_quantity) >= line["quantity"])
-            .values(stock_quantity=col(Product.stock_quantity) - line["quantity"], updated_at=sa.func.now())
-        )
-        if result.rowcount != 1:  # pragma: no cover - impossible under the row lock; defence in depth
-            await session.rollback()
-            raise AppError(409, f"Insufficient stock for product {line['product_id']}", "insufficient_stock")
+    # One statement for every line (the rows are locked above, so the checks cannot fail here).
+    result = await session.exec(_change_stock({pid: -merged[pid] for pid in ids}))
+    if result.rowcount != len(ids):  # pragma: no cover - impossible under the row lock; defence in depth
+        await session.rollback()
+        raise AppError(409, "Insufficient stock, retry", "insufficient_stock")
     await session.exec(
         sa.update(StockReservation)
         .where(col(StockReservation.id) == reservation_id)
@@ -190,13 +232,9 @@ async def release_stock(session: AsyncSession, reservation_id: str) -> StockRese
         raise AppError(404, "Reservation not found")
     if reservation.status == "released":
         return reservation
-    for line in sorted(reservation.lines, key=lambda line: int(line["product_id"])):
+    if reservation.lines:
         await session.exec(
-            sa.update(Product)
-            .where(col(Product.id) == int(line["product_id"]))
-            .values(
-                stock_quantity=col(Product.stock_quantity) + int(line["quantity"]), updated_at=sa.func.now()
-            )
+            _change_stock({int(line["product_id"]): int(line["quantity"]) for line in reservation.lines})
         )
     reservation.status = "released"
     reservation.released_at = sa.func.now()  # type: ignore[assignment]
@@ -204,6 +242,17 @@ async def release_stock(session: AsyncSession, reservation_id: str) -> StockRese
     await session.commit()
     await session.refresh(reservation)
     return reservation
+
+
+def _change_stock(deltas: dict[int, int]) -> sa.Update:
+    """One UPDATE adding ``deltas[id]`` to each product's stock (never below zero) and bumping its version."""
+    stock = col(Product.stock_quantity)
+    change = sa.case(deltas, value=col(Product.id))
+    return (
+        sa.update(Product)
+        .where(col(Product.id).in_(list(deltas)), stock + change >= 0)
+        .values(stock_quantity=stock + change, version=col(Product.version) + 1, updated_at=sa.func.now())
+    )
 
 
 def reservation_public(reservation: StockReservation) -> dict[str, Any]:
@@ -215,18 +264,30 @@ def reservation_public(reservation: StockReservation) -> dict[str, Any]:
 
 
 async def stale_reservations(
-    session: AsyncSession, older_than_seconds: int, after: datetime | None, limit: int
+    session: AsyncSession,
+    older_than_seconds: int,
+    after: datetime | None,
+    limit: int,
+    after_id: str | None = None,
 ) -> list[StockReservation]:
-    """Reservations still holding stock after ``older_than_seconds``, reserved after ``after`` (a cursor),
-    oldest first: the orders reaper releases those that never became an order."""
+    """Reservations still holding stock after ``older_than_seconds``, after the cursor ``(after, after_id)``
+    in ``(reserved_at, id)`` order: the orders reaper releases those that never became an order."""
     conditions = [
         col(StockReservation.status) == "reserved",
         col(StockReservation.reserved_at)
         < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds),
     ]
-    if after is not None:
+    if after is not None and after_id is not None:
+        conditions.append(
+            sa.tuple_(col(StockReservation.reserved_at), col(StockReservation.id))
+            > sa.tuple_(after, after_id)
+        )
+    elif after is not None:
         conditions.append(col(StockReservation.reserved_at) > after)
     query = (
-        select(StockReservation).where(*conditions).order_by(col(StockReservation.reserved_at)).limit(limit)
+        select(StockReservation)
+        .where(*conditions)
+        .order_by(col(StockReservation.reserved_at), col(StockReservation.id))
+        .limit(limit)
     )
     return list((await session.exec(query)).all())

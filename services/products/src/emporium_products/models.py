@@ -8,12 +8,19 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from emporium_common.domain import MAX_INT, MAX_LINE_QUANTITY, MAX_ORDER_LINES, check_merged_quantities
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
-
-MAX_INT = 2**31 - 1
 
 
 def _no_nul(value: str) -> str:
@@ -58,6 +65,8 @@ class Product(SQLModel, table=True):
     is_active: bool = SQLField(
         default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.true())
     )
+    # Bumped by every write (reservations and releases too): the ETag that If-Match checks.
+    version: int = SQLField(default=1, sa_column=sa.Column(sa.Integer, nullable=False, server_default="1"))
     created_at: datetime | None = SQLField(
         default=None,
         sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
@@ -128,7 +137,19 @@ class ProductUpdate(BaseModel):
 
 
 class StockUpdate(BaseModel):
-    stock_quantity: Stock
+    """Exactly one of: ``delta`` (added atomically, never undoes a reservation; 409 if stock would go below
+    zero) or ``stock_quantity`` (absolute; needs ``If-Match`` with the product's ETag, 412 when stale)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    stock_quantity: Stock | None = None
+    delta: int | None = Field(default=None, ge=-MAX_INT, le=MAX_INT)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StockUpdate:
+        if (self.stock_quantity is None) == (self.delta is None):
+            raise ValueError("send exactly one of stock_quantity (absolute) or delta")
+        return self
 
 
 class ProductPublic(BaseModel):
@@ -167,12 +188,20 @@ class SortBy(StrEnum):
 
 class ReservationLine(BaseModel):
     product_id: int = Field(ge=1, le=MAX_INT)
-    quantity: int = Field(gt=0, le=10_000)
+    quantity: int = Field(gt=0, le=MAX_LINE_QUANTITY)
 
 
 class ReservationRequest(BaseModel):
+    """The same bounds as an order (emporium_common.domain): whatever orders accepts, products accepts."""
+
     reservation_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
-    lines: list[ReservationLine] = Field(min_length=1, max_length=100)
+    lines: list[ReservationLine] = Field(min_length=1, max_length=MAX_ORDER_LINES)
+
+    @field_validator("lines")
+    @classmethod
+    def _merged_bounds(cls, lines: list[ReservationLine]) -> list[ReservationLine]:
+        check_merged_quantities(lines)
+        return lines
 
 
 class ReservedLine(BaseModel):

@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from emporium_common import AppError, ErrorResponse, SessionDep, require_role
-from fastapi import APIRouter, Depends, Path, Query, Response, status
+from emporium_common.domain import MAX_INT
+from fastapi import APIRouter, Depends, Header, Path, Query, Response, status
 
 from . import crud
 from .internal_auth import require_internal_token
 from .models import (
-    MAX_INT,
     Product,
     ProductCreate,
     ProductList,
@@ -34,7 +34,22 @@ WRITE_ERRORS = {
     403: {"model": ErrorResponse},
     404: {"model": ErrorResponse},
     409: {"model": ErrorResponse},
+    412: {"model": ErrorResponse, "description": "If-Match names an older version of the product"},
+    428: {"model": ErrorResponse, "description": "An absolute stock level was sent without If-Match"},
 }
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        max_length=1000,
+        description="The ETag of GET /products/{id}: the write is refused with 412 if the product changed",
+    ),
+]
+
+
+def _with_etag(response: Response, product: Product) -> Product:
+    response.headers["ETag"] = crud.etag(product)
+    return product
 
 
 @router.get("", response_model=ProductList)
@@ -64,8 +79,9 @@ async def list_products(
 
 
 @router.get("/{product_id}", response_model=ProductPublic, responses={404: {"model": ErrorResponse}})
-async def get_product(product_id: ProductId, session: SessionDep) -> Product:
-    return await crud.get_product(session, product_id)
+async def get_product(product_id: ProductId, session: SessionDep, response: Response) -> Product:
+    """The product, with its ``ETag`` (send it back as ``If-Match`` on writes)."""
+    return _with_etag(response, await crud.get_product(session, product_id))
 
 
 @router.post(
@@ -75,17 +91,25 @@ async def get_product(product_id: ProductId, session: SessionDep) -> Product:
     dependencies=admin_only,
     responses=WRITE_ERRORS,
 )
-async def create_product(body: ProductCreate, session: SessionDep) -> Product:
+async def create_product(body: ProductCreate, session: SessionDep, response: Response) -> Product:
     if await crud.sku_taken(session, body.sku):
         raise_conflict()
     data = body.model_dump()
     data["is_active"] = True if body.is_active is None else body.is_active
-    return await crud.save_product(session, Product(**data))
+    return _with_etag(response, await crud.save_product(session, Product(**data, version=0)))
 
 
 @router.put("/{product_id}", response_model=ProductPublic, dependencies=admin_only, responses=WRITE_ERRORS)
-async def replace_product(product_id: ProductId, body: ProductCreate, session: SessionDep) -> Product:
-    product = await crud.get_product(session, product_id)
+async def replace_product(
+    product_id: ProductId,
+    body: ProductCreate,
+    session: SessionDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> Product:
+    """Full replace. It sets an absolute stock level, so it needs ``If-Match`` (428 without, 412 if stale)."""
+    product = await crud.get_product(session, product_id, lock=True)
+    crud.check_if_match(product, if_match, required=True)
     if await crud.sku_taken(session, body.sku, exclude_id=product_id):
         raise_conflict()
     data = body.model_dump()
@@ -93,26 +117,35 @@ async def replace_product(product_id: ProductId, body: ProductCreate, session: S
         data.pop("is_active")
     for key, value in data.items():
         setattr(product, key, value)
-    return await crud.save_product(session, product)
+    return _with_etag(response, await crud.save_product(session, product))
 
 
 @router.patch("/{product_id}", response_model=ProductPublic, dependencies=admin_only, responses=WRITE_ERRORS)
-async def update_product(product_id: ProductId, body: ProductUpdate, session: SessionDep) -> Product:
-    product = await crud.get_product(session, product_id)
+async def update_product(
+    product_id: ProductId,
+    body: ProductUpdate,
+    session: SessionDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> Product:
+    """Apply the fields sent; ``stock_quantity`` among them needs ``If-Match`` (428 without, 412 if stale)."""
+    product = await crud.get_product(session, product_id, lock=True)
     data = body.model_dump(exclude_unset=True)
+    crud.check_if_match(product, if_match, required="stock_quantity" in data)
     if "sku" in data and await crud.sku_taken(session, data["sku"], exclude_id=product_id):
         raise_conflict()
     for key, value in data.items():
         setattr(product, key, value)
-    return await crud.save_product(session, product)
+    return _with_etag(response, await crud.save_product(session, product))
 
 
 @router.delete(
     "/{product_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=admin_only, responses=WRITE_ERRORS
 )
-async def delete_product(product_id: ProductId, session: SessionDep) -> Response:
+async def delete_product(product_id: ProductId, session: SessionDep, if_match: IfMatch = None) -> Response:
     """Soft delete: the product stays readable but inactive (it can no longer be ordered)."""
-    product = await crud.get_product(session, product_id)
+    product = await crud.get_product(session, product_id, lock=True)
+    crud.check_if_match(product, if_match, required=False)
     product.is_active = False
     await crud.save_product(session, product)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -121,11 +154,26 @@ async def delete_product(product_id: ProductId, session: SessionDep) -> Response
 @router.patch(
     "/{product_id}/stock", response_model=ProductPublic, dependencies=admin_only, responses=WRITE_ERRORS
 )
-async def set_stock(product_id: ProductId, body: StockUpdate, session: SessionDep) -> Product:
-    """Set the absolute stock level (not a delta)."""
-    product = await crud.get_product(session, product_id)
-    product.stock_quantity = body.stock_quantity
-    return await crud.save_product(session, product)
+async def change_stock(
+    product_id: ProductId,
+    body: StockUpdate,
+    session: SessionDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> Product:
+    """``{"delta": n}`` adds n (negative removes; 409 below zero) atomically, without undoing reservations.
+    ``{"stock_quantity": n}`` sets an absolute level: it needs ``If-Match`` with the product's ETag (428
+    without, 412 when a reservation or another write changed the product since it was read)."""
+    if body.delta is not None:
+        if if_match is not None:
+            crud.check_if_match(
+                await crud.get_product(session, product_id, lock=True), if_match, required=False
+            )
+        return _with_etag(response, await crud.add_stock(session, product_id, body.delta))
+    product = await crud.get_product(session, product_id, lock=True)
+    crud.check_if_match(product, if_match, required=True)
+    product.stock_quantity = body.stock_quantity  # type: ignore[assignment]
+    return _with_etag(response, await crud.save_product(session, product))
 
 
 def raise_conflict() -> None:
@@ -165,6 +213,9 @@ async def list_stale_reservations(
     after: Annotated[
         datetime | None, Query(description="Cursor: only reservations made after this time")
     ] = None,
+    after_id: Annotated[
+        str | None, Query(max_length=100, pattern=r"^[A-Za-z0-9._:-]+$", description="Cursor tie-breaker")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[ReservationSummary]:
     """Reservations still holding stock after ``older_than_seconds`` (the orders reaper releases those
@@ -173,5 +224,5 @@ async def list_stale_reservations(
         after = after.replace(tzinfo=UTC)
     return [
         ReservationSummary(reservation_id=r.id, status=r.status, reserved_at=r.reserved_at)  # type: ignore[arg-type]
-        for r in await crud.stale_reservations(session, older_than_seconds, after, limit)
+        for r in await crud.stale_reservations(session, older_than_seconds, after, limit, after_id)
     ]
