@@ -80,3 +80,73 @@ async def test_two_relays_publish_every_event_exactly_once(outbox_engine, rabbit
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert sorted(map(str, received)) == sorted(map(str, ids))
     assert await relays[0].backlog() == 0
+
+
+@pytest.fixture
+async def good_only_queue(rabbitmq):
+    """An exchange with one queue bound for ``good.#`` only: anything else is unroutable."""
+    name = f"outbox-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(rabbitmq.amqp_url)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(f"{name}.q", durable=True)
+    await queue.bind(exchange, "good.#")
+    yield name, queue
+    await queue.delete(if_unused=False, if_empty=False)
+    await exchange.delete()
+    await connection.close()
+
+
+async def _row(engine, event_id):
+    async with engine.connect() as conn:
+        return (
+            await conn.execute(sa.text("SELECT * FROM outbox WHERE event_id = :e"), {"e": event_id})
+        ).one()
+
+
+async def test_poison_and_unroutable_rows_do_not_block_the_rows_behind_them(
+    outbox_engine, rabbitmq, good_only_queue
+):
+    exchange_name, queue = good_only_queue
+    async with outbox_engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE outbox SET published_at = now() WHERE published_at IS NULL"))
+        # A row that is not an envelope at all (a bug, a bad manual insert).
+        poison_id = uuid.uuid4()
+        await conn.execute(
+            sa.insert(OutboxEvent.__table__).values(event_id=poison_id, type="good.poison", payload={"x": 1})
+        )
+    async with AsyncSession(outbox_engine) as session:
+        lost = add_event(session, "nobody.listens", {"n": 1})  # unroutable: no queue bound for it
+        good = add_event(session, "good.event", {"n": 2})
+        await session.commit()
+    relay = OutboxRelay(
+        outbox_engine, rabbitmq.amqp_url, exchange=exchange_name, max_attempts=2, retry_base=0.1
+    )
+    connection = await aio_pika.connect(rabbitmq.amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(exchange_name, ensure=False)
+        assert await relay.publish_batch(exchange) == 1
+        message = await queue.get(timeout=5)
+        await message.ack()
+        assert parse_envelope(message.body).id == good.id
+        poison = await _row(outbox_engine, poison_id)
+        assert poison.parked_at is not None and "not a valid envelope" in poison.last_error
+        first = await _row(outbox_engine, lost.id)
+        # Returned by the broker: kept (not marked published), retried later, not parked yet.
+        assert first.published_at is None and first.parked_at is None and first.attempts == 1
+        assert first.next_attempt_at is not None
+        async with outbox_engine.begin() as conn:
+            await conn.execute(
+                sa.text("UPDATE outbox SET next_attempt_at = now() WHERE event_id = :e"), {"e": lost.id}
+            )
+        assert await relay.publish_batch(exchange) == 0
+        second = await _row(outbox_engine, lost.id)
+        assert second.published_at is None and second.parked_at is not None and second.attempts == 2
+        assert await relay.publish_batch(exchange) == 0  # parked rows are not tried again
+    finally:
+        await connection.close()
+    assert await relay.backlog() == 0
+    from emporium_common.outbox import OUTBOX_PARKED
+
+    assert OUTBOX_PARKED._value.get() >= 2

@@ -31,6 +31,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from pamqp.commands import Basic
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -62,6 +63,10 @@ EVENT_HANDLING_SECONDS = Histogram(
 
 class InvalidEventError(ValueError):
     """The message body is not a valid envelope (never retried: dead-lettered at once)."""
+
+
+class UnroutableEventError(Exception):
+    """The broker returned a mandatory event: no queue is bound for its routing key (kept, retried)."""
 
 
 class PermanentEventError(Exception):
@@ -159,14 +164,20 @@ async def get_exchange(channel: AbstractChannel, name: str = EXCHANGE) -> Abstra
 
 
 async def publish(exchange: AbstractExchange, envelope: Envelope, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-    """Publish and wait for the broker's confirm (the channel must have publisher confirms on).
+    """Publish ``mandatory`` and wait for the broker's confirm (the channel must have publisher confirms).
 
-    Raises on a nack, a timeout or a lost connection: the caller (the outbox relay) keeps the event.
+    Raises on a nack, a timeout or a lost connection, and :class:`UnroutableEventError` (or aiormq's
+    ``PublishError`` on a channel with ``on_return_raises``) when no queue is bound for the event's type:
+    the caller (the outbox relay) keeps the event.
     """
     try:
-        await exchange.publish(
-            to_message(envelope), routing_key=envelope.type, mandatory=False, timeout=timeout
+        confirmation = await exchange.publish(
+            to_message(envelope), routing_key=envelope.type, mandatory=True, timeout=timeout
         )
+        if confirmation is not None and not isinstance(confirmation, Basic.Ack):
+            raise UnroutableEventError(
+                f"{envelope.type} was returned by the broker: no queue is bound for it"
+            )
     except Exception:
         EVENTS_PUBLISH_FAILURES.labels(envelope.type).inc()
         raise

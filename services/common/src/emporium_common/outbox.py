@@ -3,10 +3,15 @@
 - :class:`OutboxEvent` is the ``outbox`` table; every publishing service creates it in its own Alembic
   migrations with :func:`create_outbox_table` (and drops it with :func:`drop_outbox_table`).
 - :func:`add_event` adds an event to the caller's session: it commits or rolls back with the order/user.
-- :class:`OutboxRelay` publishes unsent rows in id order, waits for each broker confirm and only then
-  marks rows sent. Rows are claimed with ``FOR UPDATE SKIP LOCKED`` so several replicas can run relays.
-  A broker outage leaves rows unsent (delayed, never lost); a crash between the confirm and the commit
-  republishes a row, so delivery is at least once and consumers deduplicate on the envelope id.
+- :class:`OutboxRelay` publishes unsent rows in id order, ``mandatory`` and with publisher confirms, and
+  only then marks rows sent. Rows are claimed with ``FOR UPDATE SKIP LOCKED`` so several replicas can run
+  relays. A broker outage leaves rows unsent (delayed, never lost); a crash between the confirm and the
+  commit republishes a row, so delivery is at least once and consumers deduplicate on the envelope id.
+- A row the broker cannot take (unroutable: no queue bound for its type yet; nacked) is retried with
+  backoff (``next_attempt_at``) without holding up the rows behind it; a row that is not a valid envelope,
+  or still fails after ``max_attempts``, is *parked* (``parked_at``, ``last_error``): it is no longer
+  tried, ``emporium_outbox_parked_events`` counts it and the ``EmporiumOutboxParked`` alert fires. Replay it
+  after fixing the cause with ``UPDATE outbox SET parked_at = NULL, attempts = 0 WHERE id = ...``.
 """
 
 from __future__ import annotations
@@ -20,18 +25,36 @@ from typing import Any
 
 import aio_pika
 import sqlalchemy as sa
-from prometheus_client import Gauge
+from aiormq.exceptions import DeliveryError
+from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Field, SQLModel
 
-from .events import EXCHANGE, Envelope, backoff_delay, build_envelope, get_exchange, publish
+from .events import (
+    EXCHANGE,
+    Envelope,
+    UnroutableEventError,
+    backoff_delay,
+    build_envelope,
+    get_exchange,
+    publish,
+)
 
 log = logging.getLogger("emporium.outbox")
 
 OUTBOX_BACKLOG = Gauge("emporium_outbox_backlog", "Outbox events not yet confirmed by the broker")
 OUTBOX_OLDEST_AGE = Gauge(
     "emporium_outbox_oldest_age_seconds", "Age of the oldest outbox event not yet confirmed by the broker"
+)
+OUTBOX_PARKED = Gauge(
+    "emporium_outbox_parked_events",
+    "Outbox events parked (invalid, or refused by the broker too often): not retried",
+)
+OUTBOX_PARKED_TOTAL = Counter("emporium_outbox_parked_total", "Outbox events parked, by reason", ["reason"])
+OUTBOX_RETRIED = Counter(
+    "emporium_outbox_retried_total", "Outbox events the broker refused (unroutable, nacked), retried later"
 )
 
 
@@ -51,6 +74,8 @@ class OutboxEvent(SQLModel, table=True):
     published_at: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime(timezone=True)))
     attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    next_attempt_at: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime(timezone=True)))
+    parked_at: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime(timezone=True)))
 
 
 def create_outbox_table(op: Any) -> None:
@@ -77,6 +102,28 @@ def create_outbox_table(op: Any) -> None:
 def drop_outbox_table(op: Any) -> None:
     op.drop_index("ix_outbox_unpublished", table_name="outbox")
     op.drop_table("outbox")
+
+
+def add_outbox_parking(op: Any) -> None:
+    """Migration step after :func:`create_outbox_table`: per-row retry time and parking of poison rows."""
+    op.add_column("outbox", sa.Column("next_attempt_at", sa.DateTime(timezone=True)))
+    op.add_column("outbox", sa.Column("parked_at", sa.DateTime(timezone=True)))
+    op.drop_index("ix_outbox_unpublished", table_name="outbox")
+    op.create_index(
+        "ix_outbox_unpublished",
+        "outbox",
+        ["id"],
+        postgresql_where=sa.text("published_at IS NULL AND parked_at IS NULL"),
+    )
+
+
+def drop_outbox_parking(op: Any) -> None:
+    op.drop_index("ix_outbox_unpublished", table_name="outbox")
+    op.create_index(
+        "ix_outbox_unpublished", "outbox", ["id"], postgresql_where=sa.text("published_at IS NULL")
+    )
+    op.drop_column("outbox", "parked_at")
+    op.drop_column("outbox", "next_attempt_at")
 
 
 def add_event(
@@ -119,8 +166,12 @@ class OutboxRelay:
         poll_interval: float = 0.5,
         reconnect_max: float = 10.0,
         retention_seconds: float = 7 * 24 * 3600,
+        max_attempts: int = 10,
+        retry_base: float = 1.0,
+        retry_max: float = 300.0,
     ) -> None:
         self.engine, self.amqp_url, self.exchange_name = engine, amqp_url, exchange
+        self.max_attempts, self.retry_base, self.retry_max = max_attempts, retry_base, retry_max
         self.batch_size, self.poll_interval, self.reconnect_max = batch_size, poll_interval, reconnect_max
         self.retention_seconds = retention_seconds
         self.connected = asyncio.Event()
@@ -143,23 +194,35 @@ class OutboxRelay:
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
-                    sa.select(sa.func.count(), sa.func.min(_TABLE.c.created_at)).where(
-                        _TABLE.c.published_at.is_(None)
-                    )
+                    sa.select(
+                        sa.func.count().filter(_TABLE.c.parked_at.is_(None)),
+                        sa.func.min(_TABLE.c.created_at).filter(_TABLE.c.parked_at.is_(None)),
+                        sa.func.count().filter(_TABLE.c.parked_at.is_not(None)),
+                    ).where(_TABLE.c.published_at.is_(None))
                 )
             ).one()
         count, oldest = int(row[0]), row[1]
         OUTBOX_BACKLOG.set(count)
+        OUTBOX_PARKED.set(int(row[2]))
         OUTBOX_OLDEST_AGE.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
         return count
 
     async def publish_batch(self, exchange: aio_pika.abc.AbstractExchange) -> int:
-        """Publish one batch of unsent rows; returns how many were confirmed. Raises if any failed."""
+        """Publish one batch of due rows; returns how many were confirmed.
+
+        Rows the broker refuses one by one (unroutable, nacked) are retried later with backoff, or parked
+        after ``max_attempts``; invalid rows are parked at once. Raises (the caller reconnects) only when
+        the connection itself failed.
+        """
         async with self.engine.begin() as conn:
             rows = (
                 await conn.execute(
-                    sa.select(_TABLE.c.id, _TABLE.c.payload)
-                    .where(_TABLE.c.published_at.is_(None))
+                    sa.select(_TABLE.c.id, _TABLE.c.payload, _TABLE.c.attempts)
+                    .where(
+                        _TABLE.c.published_at.is_(None),
+                        _TABLE.c.parked_at.is_(None),
+                        sa.or_(_TABLE.c.next_attempt_at.is_(None), _TABLE.c.next_attempt_at <= sa.func.now()),
+                    )
                     .order_by(_TABLE.c.id)
                     .limit(self.batch_size)
                     .with_for_update(skip_locked=True)
@@ -167,35 +230,70 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
-            envelopes = [Envelope.model_validate(row.payload) for row in rows]
+            valid: list[tuple[Any, Envelope]] = []
+            for row in rows:
+                try:
+                    valid.append((row, Envelope.model_validate(row.payload)))
+                except ValidationError as exc:
+                    await self._park(conn, row.id, row.attempts, "invalid", f"not a valid envelope: {exc}")
             # One channel keeps publication order; confirms are awaited together for throughput.
             results = await asyncio.gather(
-                *(publish(exchange, envelope) for envelope in envelopes), return_exceptions=True
+                *(publish(exchange, envelope) for _, envelope in valid), return_exceptions=True
             )
-            sent = [
-                row.id
-                for row, result in zip(rows, results, strict=True)
-                if not isinstance(result, BaseException)
-            ]
-            failed = [
-                row.id for row, result in zip(rows, results, strict=True) if isinstance(result, BaseException)
-            ]
+            sent = [row.id for (row, _), result in zip(valid, results, strict=True) if result is None]
             if sent:
                 await conn.execute(
                     sa.update(_TABLE)
                     .where(_TABLE.c.id.in_(sent))
-                    .values(published_at=sa.func.now(), attempts=_TABLE.c.attempts + 1, last_error=None)
+                    .values(
+                        published_at=sa.func.now(),
+                        attempts=_TABLE.c.attempts + 1,
+                        last_error=None,
+                        next_attempt_at=None,
+                    )
                 )
-            if failed:
-                error = next(r for r in results if isinstance(r, BaseException))
+            lost: BaseException | None = None
+            for (row, envelope), result in zip(valid, results, strict=True):
+                if result is None:
+                    continue
+                if not isinstance(result, UnroutableEventError | DeliveryError):
+                    lost = lost or result  # the connection failed: not this row's fault, not counted
+                    continue
+                attempts = row.attempts + 1
+                error = repr(result)[:500]
+                if attempts >= self.max_attempts:
+                    await self._park(conn, row.id, attempts, "refused", error)
+                    continue
+                OUTBOX_RETRIED.inc()
+                delay = backoff_delay(attempts, self.retry_base, self.retry_max)
+                log.warning(
+                    "broker refused outbox event %s (%s, attempt %d), retrying in %.0fs",
+                    envelope.id,
+                    error,
+                    attempts,
+                    delay,
+                )
                 await conn.execute(
                     sa.update(_TABLE)
-                    .where(_TABLE.c.id.in_(failed))
-                    .values(attempts=_TABLE.c.attempts + 1, last_error=repr(error)[:500])
+                    .where(_TABLE.c.id == row.id)
+                    .values(
+                        attempts=attempts,
+                        last_error=error,
+                        next_attempt_at=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, delay),
+                    )
                 )
-        if failed:
-            raise ConnectionError(f"{len(failed)} outbox event(s) not confirmed: {error!r}")
+        if lost is not None:
+            raise ConnectionError(f"outbox events not confirmed: {lost!r}")
         return len(sent)
+
+    async def _park(self, conn: Any, row_id: int, attempts: int, reason: str, error: str) -> None:
+        log.error("parking outbox event row %s (%s): %s", row_id, reason, error[:300])
+        OUTBOX_PARKED_TOTAL.labels(reason).inc()
+        await conn.execute(
+            sa.update(_TABLE)
+            .where(_TABLE.c.id == row_id)
+            .values(parked_at=sa.func.now(), attempts=attempts, last_error=error[:500])
+        )
 
     async def prune(self) -> None:
         async with self.engine.begin() as conn:
@@ -216,7 +314,8 @@ class OutboxRelay:
             connection = None
             try:
                 connection = await aio_pika.connect(self.amqp_url, timeout=10)
-                channel = await connection.channel(publisher_confirms=True)
+                # Confirms + mandatory: an event no queue is bound for comes back (it is retried, not lost).
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 exchange = await get_exchange(channel, self.exchange_name)
                 self.connected.set()
                 while not self._stop.is_set():
