@@ -238,13 +238,10 @@ async def test_products_unreachable_is_503(orders_db, tokens, make_product):
 async def test_reaper_releases_reservations_that_never_became_orders(
     orders, orders_app, products, alice, make_product, stock_of
 ):
-    from datetime import UTC, datetime, timedelta
-
     from emporium_orders.reaper import ReservationReaper
 
     from .conftest import INTERNAL_TOKEN
 
-    started = datetime.now(UTC) - timedelta(seconds=1)
     p = await make_product(stock=10)
     await place(orders, alice, p["id"], 2)  # a real order: its reservation stays
     orphan = await products.post(
@@ -254,9 +251,8 @@ async def test_reaper_releases_reservations_that_never_became_orders(
     )
     assert orphan.status_code == 201
     assert await stock_of(p["id"]) == 5
-    reaper = ReservationReaper(
-        orders_app.state.engine, orders_app.state.products, grace_seconds=0, start=started
-    )
-    assert await reaper.run_once() == 1
+    reaper = ReservationReaper(orders_app.state.engine, orders_app.state.products, grace_seconds=0)
+    assert await reaper.run_once() >= 1
     assert await stock_of(p["id"]) == 8
     assert await reaper.run_once() == 0
+    assert await stock_of(p["id"]) == 8

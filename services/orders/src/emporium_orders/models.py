@@ -9,12 +9,17 @@ from enum import StrEnum
 from typing import Optional
 
 import sqlalchemy as sa
+from emporium_common.domain import (
+    MAX_INT,
+    MAX_LINE_QUANTITY,
+    MAX_ORDER_LINES,
+    check_merged_quantities,
+    timestamp_column,
+)
 from emporium_common.outbox import OutboxEvent  # noqa: F401 - the outbox table belongs to this schema too
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Field as SQLField
 from sqlmodel import Relationship, SQLModel
-
-MAX_INT = 2**31 - 1
 
 
 class OrderStatus(StrEnum):
@@ -25,8 +30,7 @@ class OrderStatus(StrEnum):
     cancelled = "cancelled"
 
 
-def _ts() -> sa.Column:
-    return sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
+_ts = timestamp_column
 
 
 class Order(SQLModel, table=True):
@@ -41,12 +45,9 @@ class Order(SQLModel, table=True):
     idempotency_key: str | None = SQLField(default=None, sa_column=sa.Column(sa.String(255)))
     request_hash: str | None = SQLField(default=None, sa_column=sa.Column(sa.String(64)))
     created_at: datetime | None = SQLField(default=None, sa_column=_ts())
-    updated_at: datetime | None = SQLField(
-        default=None,
-        sa_column=sa.Column(
-            sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), onupdate=sa.func.now()
-        ),
-    )
+    updated_at: datetime | None = SQLField(default=None, sa_column=_ts(onupdate=True))
+    # Set once products confirmed the release of a cancelled order's stock (the reaper retries until then).
+    stock_released_at: datetime | None = SQLField(default=None, sa_column=_ts(nullable=True))
     items: list["OrderItem"] = Relationship(
         back_populates="order", sa_relationship_kwargs={"lazy": "selectin", "order_by": "OrderItem.id"}
     )
@@ -84,13 +85,35 @@ class OrderStatusChange(SQLModel, table=True):
 # ---- API schemas -------------------------------------------------------------------------------------
 
 
+class ReaperCursor(SQLModel, table=True):
+    """Where the reservation reaper got to, in products' ``(reserved_at, reservation id)`` order: a restart
+    resumes here instead of skipping older orphans."""
+
+    __tablename__ = "reaper_cursors"
+
+    name: str = SQLField(sa_column=sa.Column(sa.String(50), primary_key=True))
+    reserved_at: datetime = SQLField(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+    reservation_id: str = SQLField(sa_column=sa.Column(sa.String(100), nullable=False))
+    updated_at: datetime | None = SQLField(default=None, sa_column=_ts(onupdate=True))
+
+
 class OrderLineIn(BaseModel):
     product_id: int = Field(ge=1, le=MAX_INT)
-    quantity: int = Field(gt=0, le=1000)
+    quantity: int = Field(gt=0, le=MAX_LINE_QUANTITY)
 
 
 class OrderCreate(BaseModel):
-    items: list[OrderLineIn] = Field(min_length=1, max_length=50)
+    items: list[OrderLineIn] = Field(
+        min_length=1,
+        max_length=MAX_ORDER_LINES,
+        description=f"Lines of one product add up; at most {MAX_LINE_QUANTITY} of a product per order",
+    )
+
+    @field_validator("items")
+    @classmethod
+    def _merged_quantities(cls, items: list[OrderLineIn]) -> list[OrderLineIn]:
+        check_merged_quantities(items)
+        return items
 
 
 class StatusUpdate(BaseModel):

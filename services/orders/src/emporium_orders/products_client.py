@@ -62,10 +62,15 @@ class ProductsClient:
         if response.status_code == 404:
             raise AppError(404, self._detail(response))
         if response.status_code == 409:
-            # insufficient stock / inactive product: 400 as in the older API
             code = "insufficient_stock"
             with contextlib.suppress(ValueError, AttributeError):
                 code = response.json().get("code") or code
+            if code == "reservation_conflict":
+                # The reservation id comes from the Idempotency-Key: the key was used for other lines.
+                raise AppError(
+                    422, "Idempotency-Key was already used with a different request", "idempotency_key_reused"
+                )
+            # insufficient stock / inactive product: 400 as in the older API
             raise AppError(400, self._detail(response), code)
         log.error(
             "products service answered %s to a reservation: %s", response.status_code, response.text[:300]
@@ -79,10 +84,14 @@ class ProductsClient:
         log.error("products service answered %s to a release: %s", response.status_code, response.text[:300])
         raise AppError(503, "Product service unavailable", "service_unavailable")
 
-    async def stale_reservations(self, older_than_seconds: int, after: str | None, limit: int) -> list[dict]:
+    async def stale_reservations(
+        self, older_than_seconds: int, after: str | None, limit: int, after_id: str | None = None
+    ) -> list[dict]:
         params: dict[str, Any] = {"older_than_seconds": older_than_seconds, "limit": limit}
         if after:
             params["after"] = after
+        if after_id:
+            params["after_id"] = after_id
         try:
             response = await self._client.get("/internal/stock/reservations", params=params)
         except httpx.HTTPError as exc:

@@ -1,23 +1,33 @@
-"""Releases stock reservations that never became an order (the orders process died between reserving and
-committing). Reservations are read oldest first with a time cursor, each checked once per process."""
+"""Releases stock that no order holds any more:
+
+- reservations that never became an order (the orders process died between reserving and committing, a
+  commit with an unknown outcome, an Idempotency-Key request that failed): read from products oldest first
+  in ``(reserved_at, id)`` order after the grace period, with a cursor kept in the ``reaper_cursors`` table
+  so that a restart resumes where the last run stopped (orphans older than any window are still found);
+- cancelled orders whose release products has not confirmed (it was down when the cancel committed).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
+import sqlalchemy as sa
 from prometheus_client import Counter
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .models import Order
+from .models import Order, ReaperCursor
 from .products_client import ProductsClient
+from .service import release_pending_cancellations
 
 log = logging.getLogger("emporium.orders.reaper")
 REAPED = Counter("emporium_orders_reservations_reaped_total", "Orphaned stock reservations released")
+CURSOR = "stale-reservations"
 
 
 class ReservationReaper:
@@ -29,7 +39,6 @@ class ReservationReaper:
         grace_seconds: int = 300,
         interval_seconds: float = 60,
         page: int = 100,
-        start: datetime | None = None,
     ) -> None:
         self.engine, self.products, self.grace, self.interval, self.page = (
             engine,
@@ -38,16 +47,33 @@ class ReservationReaper:
             interval_seconds,
             page,
         )
-        self.cursor = (start or datetime.now(UTC) - timedelta(hours=1)).isoformat()
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
 
+    async def cursor(self) -> tuple[str | None, str | None]:
+        async with AsyncSession(self.engine) as session:
+            row = await session.get(ReaperCursor, CURSOR)
+        return (row.reserved_at.isoformat(), row.reservation_id) if row else (None, None)
+
+    async def _save_cursor(self, reserved_at: str, reservation_id: str) -> None:
+        table = ReaperCursor.__table__  # type: ignore[attr-defined]
+        values = {"reserved_at": datetime.fromisoformat(reserved_at), "reservation_id": reservation_id}
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(table)
+                .values(name=CURSOR, **values)
+                .on_conflict_do_update(index_elements=["name"], set_={**values, "updated_at": sa.func.now()})
+            )
+
     async def run_once(self) -> int:
+        """One pass; returns how many orphaned reservations were released."""
+        await release_pending_cancellations(self.engine, self.products)
         released = 0
+        after, after_id = await self.cursor()
         while True:
-            batch = await self.products.stale_reservations(self.grace, self.cursor, self.page)
+            batch = await self.products.stale_reservations(self.grace, after, self.page, after_id)
             if not batch:
                 return released
             ids = [r["reservation_id"] for r in batch]
@@ -65,7 +91,8 @@ class ReservationReaper:
                     REAPED.inc()
                     released += 1
                     log.warning("released orphaned stock reservation %s", reservation_id)
-            self.cursor = batch[-1]["reserved_at"]
+            after, after_id = batch[-1]["reserved_at"], batch[-1]["reservation_id"]
+            await self._save_cursor(after, after_id)  # type: ignore[arg-type]
             if len(batch) < self.page:
                 return released
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
-from collections import defaultdict
 from decimal import Decimal
 from typing import Any
 
+import sqlalchemy as sa
 from emporium_common import AppError, Principal
+from emporium_common.domain import merge_lines
 from emporium_common.events import ORDER_CREATED, ORDER_STATUS_UPDATED
 from emporium_common.outbox import add_event
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -20,14 +23,8 @@ from .models import Order, OrderCreate, OrderItem, OrderStatus, OrderStatusChang
 from .products_client import ProductsClient
 from .state import can_transition, customer_may
 
+log = logging.getLogger("emporium.orders")
 RESERVATION_NAMESPACE = uuid.UUID("0d7c5d1e-64b4-4d0a-9a57-5d8f1a2b3c4d")
-
-
-def merge_lines(body: OrderCreate) -> dict[int, int]:
-    merged: dict[int, int] = defaultdict(int)
-    for line in body.items:
-        merged[line.product_id] += line.quantity
-    return dict(sorted(merged.items()))
 
 
 def request_hash(lines: dict[int, int]) -> str:
@@ -75,8 +72,14 @@ async def place_order(
     idempotency_key: str | None,
 ) -> tuple[Order, bool]:
     """Returns (order, replayed). Stock is reserved in one call to products; the order, its items and its
-    ``order.created`` event commit in one transaction."""
-    lines = merge_lines(body)
+    ``order.created`` event commit in one transaction.
+
+    A reservation is released here only when nothing can still use it: no Idempotency-Key (the reservation
+    id is this request's own) and a failure *before* the commit. With a key, a concurrent retry may commit
+    an order on the same reservation; when the commit itself fails its outcome is unknown. In both cases the
+    reservation is left to the reaper, which releases it after the grace period if no order holds it.
+    """
+    lines = merge_lines(body.items)
     digest = request_hash(lines)
     if idempotency_key:
         existing = await find_by_key(session, principal.sub, idempotency_key)
@@ -124,7 +127,7 @@ async def place_order(
             )
         )
         add_event(session, ORDER_CREATED, order_created_data(order))
-        await session.commit()
+        await session.flush()  # every INSERT now: the COMMIT below is the only step left
     except IntegrityError:
         await session.rollback()
         if idempotency_key:
@@ -132,13 +135,23 @@ async def place_order(
             existing = await find_by_key(session, principal.sub, idempotency_key)
             if existing is not None:
                 return _replay(existing, digest), True
-        await products.release(reservation_id)
+        else:
+            await products.release(reservation_id)
         raise AppError(409, "Order could not be stored, please retry") from None
     except Exception:
         await session.rollback()
-        await products.release(reservation_id)
+        if not idempotency_key:
+            await products.release(reservation_id)
         raise
-    await session.refresh(order)
+    try:
+        await session.commit()
+    except Exception:
+        # The COMMIT may have reached the database: releasing now could free stock a stored order holds.
+        log.warning(
+            "commit of an order failed with an unknown outcome; reservation %s left to the reaper",
+            reservation_id,
+        )
+        raise
     return order, False
 
 
@@ -157,6 +170,9 @@ async def get_order_for(
 async def change_status(
     session: AsyncSession, products: ProductsClient, principal: Principal, order_id: int, new: OrderStatus
 ) -> Order:
+    """Move an order along the state machine. A cancel commits first and then releases the stock (an
+    idempotent call): if products cannot be reached, the order stays cancelled with ``stock_released_at``
+    unset and the reaper retries the release (never a release whose cancel then failed to commit)."""
     order = await get_order_for(session, principal, order_id, lock=True)
     current = OrderStatus(order.status)
     if not principal.has_role("admin"):
@@ -166,9 +182,6 @@ async def change_status(
             raise AppError(409, f"Cannot change order status from {current} to {new}", "illegal_transition")
     if not can_transition(current, new):
         raise AppError(409, f"Cannot change order status from {current} to {new}", "illegal_transition")
-    if new is OrderStatus.cancelled:
-        # Idempotent release while the order row is locked; on failure nothing changes (503).
-        await products.release(order.reservation_id)
     order.status = new
     session.add(order)
     session.add(
@@ -188,8 +201,46 @@ async def change_status(
         },
     )
     await session.commit()
+    if new is OrderStatus.cancelled:
+        try:
+            await release_cancelled(session, products, order.id, order.reservation_id)  # type: ignore[arg-type]
+        except AppError as exc:
+            log.warning(
+                "stock of cancelled order %s not released yet (%s); the reaper retries", order.id, exc
+            )
     await session.refresh(order)
     return order
+
+
+async def release_cancelled(
+    session: AsyncSession, products: ProductsClient, order_id: int, reservation_id: str
+) -> None:
+    """Release a cancelled order's stock (idempotent in products) and record that it is done."""
+    await products.release(reservation_id)
+    await session.exec(
+        sa.update(Order)
+        .where(col(Order.id) == order_id, col(Order.stock_released_at).is_(None))
+        .values(stock_released_at=sa.func.now())
+    )
+    await session.commit()
+
+
+async def release_pending_cancellations(
+    engine: AsyncEngine, products: ProductsClient, limit: int = 100
+) -> int:
+    """Retry the releases of cancelled orders whose stock products has not confirmed as released."""
+    async with AsyncSession(engine) as session:
+        pending = (
+            await session.exec(
+                select(Order.id, Order.reservation_id)
+                .where(col(Order.status) == OrderStatus.cancelled, col(Order.stock_released_at).is_(None))
+                .order_by(col(Order.id))
+                .limit(limit)
+            )
+        ).all()
+        for order_id, reservation_id in pending:
+            await release_cancelled(session, products, order_id, reservation_id)  # type: ignore[arg-type]
+    return len(pending)
 
 
 async def list_orders(session: AsyncSession, principal: Principal, skip: int, limit: int) -> list[Order]:
