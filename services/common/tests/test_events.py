@@ -132,3 +132,60 @@ async def test_consumer_recovers_after_a_transient_failure_and_dead_letters_perm
         consumer.stop()
         await asyncio.wait_for(task, 10)
     assert seen == {"bad.event": 1, "good.event": 2}
+
+
+@pytest.fixture
+async def queue_with_retry(queue_with_dlq):
+    """queue_with_dlq plus the delay queue of the notifications topology: ``<name>.retry`` (direct) routes
+    "retry" into the delay queue, whose expired messages come back through it ("events") to the queue."""
+    name, channel, dlq = queue_with_dlq
+    retry = await channel.declare_exchange(f"{name}.retry", aio_pika.ExchangeType.DIRECT, durable=True)
+    delay = await channel.declare_queue(
+        f"{name}.delay",
+        durable=True,
+        arguments={"x-dead-letter-exchange": f"{name}.retry", "x-dead-letter-routing-key": "events"},
+    )
+    await delay.bind(retry, "retry")
+    events = await channel.declare_queue(f"{name}.events", passive=True)
+    await events.bind(retry, "events")
+    yield name, dlq
+    await delay.delete(if_unused=False, if_empty=False)
+    await retry.delete()
+
+
+async def test_a_retry_waits_in_the_delay_queue_not_in_the_consumer(rabbitmq, queue_with_retry):
+    name, dlq = queue_with_retry
+    handled: dict[str, list[float]] = {}
+    done = asyncio.Event()
+
+    async def handler(envelope):
+        handled.setdefault(envelope.type, []).append(asyncio.get_running_loop().time())
+        if envelope.type == "slow.event" and len(handled["slow.event"]) < 3:
+            raise RuntimeError("transient")
+        if {"slow.event", "fast.event"} <= handled.keys() and len(handled["slow.event"]) == 3:
+            done.set()
+
+    # One prefetch slot and a long backoff: holding the failed message would stall the next one for ~1 s.
+    consumer = EventConsumer(
+        rabbitmq.amqp_url,
+        f"{name}.events",
+        handler,
+        prefetch=1,
+        max_attempts=5,
+        backoff_base=1.0,
+        retry_exchange=f"{name}.retry",
+    )
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(consumer.connected.wait(), 10)
+        start = asyncio.get_running_loop().time()
+        await _publish(rabbitmq, name, build_envelope("slow.event", {}))
+        await _publish(rabbitmq, name, build_envelope("fast.event", {}))
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+    assert handled["fast.event"][0] - start < 0.4  # not behind the failed one's backoff
+    slow = handled["slow.event"]
+    assert len(slow) == 3 and slow[1] - slow[0] >= 0.4  # it did wait (in the delay queue)
+    assert await _dlq_count(dlq, 0, timeout=0) == 0

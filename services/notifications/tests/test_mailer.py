@@ -10,7 +10,8 @@ import pytest
 import sqlalchemy as sa
 from emporium_common import testing
 from emporium_notifications.config import NotificationsSettings
-from emporium_notifications.mailer import Mailer
+from emporium_notifications.consumer import prune_processed_events
+from emporium_notifications.mailer import Mailer, build_message
 from emporium_testbed.process import free_port
 
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
@@ -78,3 +79,45 @@ async def test_send_fails_for_good_after_the_last_attempt(mailer_db):
         await mailer.deliver_due(only_id=nid)
         final = await row(engine, nid)
     assert final.status == "failed" and final.attempts == 2
+
+
+async def test_each_email_commits_on_its_own_so_a_crash_resends_at_most_one(mailer_db):
+    settings = NotificationsSettings(database_url=mailer_db, smtp_port=free_port())
+    async with testing.engine_for(mailer_db) as engine:
+        async with engine.begin() as conn:  # other tests' leftovers are not due any more
+            await conn.execute(sa.text("UPDATE notifications SET status = 'failed' WHERE status = 'pending'"))
+        ids = [await insert_pending(engine, f"crash-{i}@example.com") for i in range(3)]
+        mailer = Mailer(engine, settings)
+        sent: list[str] = []
+
+        async def send(message):
+            if len(sent) == 2:
+                raise asyncio.CancelledError  # the process dies while sending the third email
+            sent.append(message["Message-ID"])
+
+        mailer.send = send  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await mailer.deliver_due()
+        statuses = [(await row(engine, nid)).status for nid in ids]
+        assert statuses == ["sent", "sent", "pending"]  # only the email in flight will be sent again
+        third = await row(engine, ids[2])
+    assert len(set(sent)) == 2
+    assert build_message(settings, third)["Message-ID"] == build_message(settings, third)["Message-ID"]
+    assert build_message(settings, third)["Message-ID"] == f"<notification-{third.event_id}@emporium.local>"
+
+
+async def test_processed_event_ids_are_pruned_after_the_retention(mailer_db):
+    async with testing.engine_for(mailer_db) as engine:
+        old, new = uuid.uuid4(), uuid.uuid4()
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO processed_events (event_id, type, processed_at)"
+                    " VALUES (:o, 'order.created', now() - interval '8 days'), (:n, 'order.created', now())"
+                ),
+                {"o": old, "n": new},
+            )
+        assert await prune_processed_events(engine, 7 * 24 * 3600) >= 1
+        async with engine.connect() as conn:
+            left = set((await conn.execute(sa.text("SELECT event_id FROM processed_events"))).scalars())
+    assert new in left and old not in left

@@ -10,10 +10,13 @@ declares exchanges, queues, bindings and dead-letter queues from each service's 
 Consumer semantics (:class:`EventConsumer`):
 - a message that is not a valid envelope, or whose handler raises :class:`PermanentEventError`, is
   rejected without requeue, so the broker dead-letters it (the queue's dead-letter exchange);
-- any other handler error is retried: the consumer waits with exponential backoff (jitter), then returns
-  the message to the queue; after ``max_attempts`` deliveries it is rejected -> dead-lettered.
-  The attempt number comes from the ``x-delivery-count`` header quorum queues add on redelivery (our
-  topology files use quorum queues; their ``deliveryLimit`` is a broker-side backstop);
+- any other handler error is retried after an exponential backoff (jitter) without holding the consumer:
+  with a ``retry_exchange`` the message is republished there with the delay as its expiration (a delay
+  queue that dead-letters it back to the consumer's queue) and acked at once, so its prefetch slot serves
+  other messages meanwhile; without one the consumer waits, then requeues. After ``max_attempts`` it is
+  rejected -> dead-lettered. The attempt number is ``x-emporium-attempts`` (set when republished for a
+  retry) plus the ``x-delivery-count`` quorum queues add on redelivery (their ``deliveryLimit`` is a
+  broker-side backstop);
 - handlers must be idempotent (record the envelope ``id``): delivery is at least once.
 """
 
@@ -190,16 +193,25 @@ def backoff_delay(attempt: int, base: float = 0.5, maximum: float = 30.0) -> flo
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
 
 
+RETRY_ATTEMPTS_HEADER = "x-emporium-attempts"
+RETRY_ROUTING_KEY = "retry"
+
+
 def delivery_attempt(message: AbstractIncomingMessage) -> int:
-    """1 for the first delivery; quorum queues count earlier deliveries in ``x-delivery-count``."""
+    """1 for the first delivery; earlier ones are counted by our retry header (republished retries) and
+    by ``x-delivery-count`` (quorum queues' redeliveries)."""
     headers = message.headers or {}
+    try:
+        retried = int(headers.get(RETRY_ATTEMPTS_HEADER) or 0)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        retried = 0
     try:
         previous = int(headers.get("x-delivery-count") or 0)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         previous = 0
     if previous == 0 and message.redelivered:
         previous = 1
-    return previous + 1
+    return retried + previous + 1
 
 
 Handler = Callable[[Envelope], Awaitable[None]]
@@ -258,8 +270,11 @@ class EventConsumer:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         reconnect_max: float = 10.0,
+        retry_exchange: str | None = None,
     ) -> None:
         self.amqp_url, self.queue_name, self.handler = amqp_url, queue, handler
+        self.retry_exchange_name = retry_exchange or None
+        self._retry_exchange: AbstractExchange | None = None
         self.max_attempts, self.prefetch = max_attempts, prefetch
         self.backoff_base, self.backoff_max, self.reconnect_max = backoff_base, backoff_max, reconnect_max
         self.connected = asyncio.Event()
@@ -316,11 +331,40 @@ class EventConsumer:
                 extra={"event_id": str(envelope.id), "type": envelope.type, "error": repr(exc)},
             )
             EVENTS_CONSUMED.labels(self.queue_name, envelope.type, "retried").inc()
+            if await self._retry_later(message, attempt, delay):
+                await _settle(message.ack())
+                return
             await asyncio.sleep(delay)
             await _settle(message.nack(requeue=True))
             return
         EVENTS_CONSUMED.labels(self.queue_name, envelope.type, "ok").inc()
         await _settle(message.ack())
+
+    async def _retry_later(self, message: AbstractIncomingMessage, attempt: int, delay: float) -> bool:
+        """Republish to the delay queue (confirmed); False when that is not possible (then retry in place)."""
+        exchange = self._retry_exchange
+        if exchange is None:
+            return False
+        headers = {
+            k: v for k, v in (message.headers or {}).items() if k not in ("x-delivery-count", "x-death")
+        }
+        retry = aio_pika.Message(
+            body=message.body,
+            headers={**headers, RETRY_ATTEMPTS_HEADER: attempt},
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            type=message.type,
+            correlation_id=message.correlation_id,
+            timestamp=message.timestamp,
+            expiration=max(0.001, delay),
+        )
+        try:
+            await exchange.publish(retry, routing_key=RETRY_ROUTING_KEY, mandatory=True, timeout=10)
+        except Exception as exc:
+            log.warning("cannot republish for a delayed retry (%r); retrying in place", exc)
+            return False
+        return True
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; on any broker failure wait (backoff) and reconnect."""
@@ -339,6 +383,9 @@ class EventConsumer:
                 channel = await connection.channel()
                 await channel.set_qos(prefetch_count=self.prefetch)
                 queue = await channel.get_queue(self.queue_name, ensure=False)
+                if self.retry_exchange_name:
+                    publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                    self._retry_exchange = await get_exchange(publisher, self.retry_exchange_name)
                 await queue.consume(self._on_message)
                 failures = 0
                 self.connected.set()
@@ -359,6 +406,7 @@ class EventConsumer:
             finally:
                 self.connected.clear()
                 self._connection = None
+                self._retry_exchange = None
                 with contextlib.suppress(Exception):  # already gone, or down
                     await connection.close()
             if not self._stop.is_set():

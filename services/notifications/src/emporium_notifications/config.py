@@ -20,6 +20,11 @@ class NotificationsSettings(Settings):
     # Email: attempts (with exponential backoff from mail_retry_base_seconds) before a notification is failed.
     mail_max_attempts: int = Field(default=5, ge=1, le=50)
     mail_retry_base_seconds: float = Field(default=2.0, gt=0, le=3600)
+    # Event ids are remembered (duplicates ignored) this long, far beyond any redelivery; then pruned.
+    processed_events_retention_seconds: float = Field(default=7 * 24 * 3600, ge=3600)
+    # Failed handling is retried through this exchange (a delay queue), without holding the consumer;
+    # empty: retry in place (the message is held while waiting).
+    events_retry_exchange: str = "notifications.retry"
     # Background work (consumer, mailer, websocket fan-out listener) runs in the API process.
     background_workers: bool = True
 

@@ -67,3 +67,15 @@ def make_handler(engine: AsyncEngine, on_stored: Callable[[], None] = lambda: No
         on_stored()
 
     return handle
+
+
+async def prune_processed_events(engine: AsyncEngine, older_than_seconds: float) -> int:
+    """Forget event ids handled longer ago than any redelivery can come (the dedup table stays small)."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.delete(_P).where(
+                _P.c.processed_at
+                < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
+            )
+        )
+    return result.rowcount or 0

@@ -1,4 +1,9 @@
-"""Sending stored notifications over SMTP, with retries and backoff; failures are kept, never dropped."""
+"""Sending stored notifications over SMTP, with retries and backoff; failures are kept, never dropped.
+
+One email per transaction: the row is locked (SKIP LOCKED: replicas never send it twice), sent, marked and
+committed before the next one, so a crash re-sends at most the one email in flight, and that with the same
+``Message-ID`` (derived from the event id) so that mail systems can recognise the duplicate.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from email.utils import parseaddr
 
 import aiosmtplib
 import sqlalchemy as sa
@@ -14,6 +20,7 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import NotificationsSettings
+from .consumer import prune_processed_events
 from .models import Notification
 
 log = logging.getLogger("emporium.notifications.mailer")
@@ -29,9 +36,16 @@ def build_message(settings: NotificationsSettings, row: sa.Row) -> EmailMessage:
     message["From"] = settings.smtp_from
     message["To"] = row.recipient_email
     message["Subject"] = row.subject
+    message["Message-ID"] = message_id(settings, row.event_id)
     message.set_content(row.text_body)
     message.add_alternative(row.body, subtype="html")
     return message
+
+
+def message_id(settings: NotificationsSettings, event_id: object) -> str:
+    """The same for every (re)send of one notification (one notification per event)."""
+    domain = parseaddr(settings.smtp_from)[1].rpartition("@")[2] or "emporium.local"
+    return f"<notification-{event_id}@{domain}>"
 
 
 class Mailer:
@@ -65,13 +79,23 @@ class Mailer:
         )
 
     async def deliver_due(self, only_id: int | None = None) -> int:
-        """Send due pending notifications (rows locked with SKIP LOCKED: replicas never double-send)."""
+        """Send up to ``batch_size`` due pending notifications, each in its own transaction."""
         done = 0
+        for _ in range(1 if only_id is not None else self.batch_size):
+            sent = await self._deliver_one(only_id)
+            if sent is None:
+                break
+            done += sent
+        return done
+
+    async def _deliver_one(self, only_id: int | None) -> int | None:
+        """Lock, send and mark one due notification; None when nothing is due."""
         async with self.engine.begin() as conn:
             query = (
                 sa.select(_T)
                 .where(_T.c.status == "pending")
                 .order_by(_T.c.id)
+                .limit(1)
                 .with_for_update(skip_locked=True)
             )
             if only_id is not None:
@@ -79,39 +103,48 @@ class Mailer:
             else:
                 query = query.where(
                     sa.or_(_T.c.next_attempt_at.is_(None), _T.c.next_attempt_at <= sa.func.now())
-                ).limit(self.batch_size)
-            rows = (await conn.execute(query)).all()
-            for row in rows:
-                attempts = row.attempts + 1
-                try:
-                    await self.send(build_message(self.settings, row))
-                except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
-                    final = attempts >= self.settings.mail_max_attempts or isinstance(exc, ValueError)
-                    EMAILS.labels("failed" if final else "retry").inc()
-                    log.warning("email %s failed (attempt %d): %r", row.id, attempts, exc)
-                    await conn.execute(
-                        sa.update(_T)
-                        .where(_T.c.id == row.id)
-                        .values(
-                            attempts=attempts,
-                            status="failed" if final else "pending",
-                            error_message=repr(exc)[:1000],
-                            next_attempt_at=datetime.now(UTC) + self._retry_delay(attempts),
-                        )
-                    )
-                    continue
-                EMAILS.labels("sent").inc()
-                done += 1
+                )
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return None
+            attempts = row.attempts + 1
+            try:
+                await self.send(build_message(self.settings, row))
+            except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+                final = attempts >= self.settings.mail_max_attempts or isinstance(exc, ValueError)
+                EMAILS.labels("failed" if final else "retry").inc()
+                log.warning("email %s failed (attempt %d): %r", row.id, attempts, exc)
                 await conn.execute(
                     sa.update(_T)
                     .where(_T.c.id == row.id)
-                    .values(attempts=attempts, status="sent", error_message=None, sent_at=sa.func.now())
+                    .values(
+                        attempts=attempts,
+                        status="failed" if final else "pending",
+                        error_message=repr(exc)[:1000],
+                        next_attempt_at=datetime.now(UTC) + self._retry_delay(attempts),
+                    )
                 )
-        return done
+                return 0
+            EMAILS.labels("sent").inc()
+            await conn.execute(
+                sa.update(_T)
+                .where(_T.c.id == row.id)
+                .values(attempts=attempts, status="sent", error_message=None, sent_at=sa.func.now())
+            )
+            return 1
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_prune = -3600.0
         while not self._stop.is_set():
             try:
+                if loop.time() - last_prune >= 3600:
+                    last_prune = loop.time()
+                    pruned = await prune_processed_events(
+                        self.engine, self.settings.processed_events_retention_seconds
+                    )
+                    if pruned:
+                        log.info("pruned %d processed event ids", pruned)
                 await self.deliver_due()
                 async with self.engine.connect() as conn:
                     PENDING.set(

@@ -41,6 +41,7 @@ def build_app(
                     make_handler(app.state.engine, mailer.kick),
                     max_attempts=settings.event_max_attempts,
                     backoff_base=settings.event_retry_base_seconds,
+                    retry_exchange=settings.events_retry_exchange,
                 )
                 app.state.consumer = consumer
                 tasks.append(asyncio.create_task(consumer.run()))
