@@ -20,11 +20,17 @@ mkdir -p "$bin" "$stamps"
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 # One build at a time per cache: a second `make test` started meanwhile waits instead of building twice.
-exec 9>"$cache/toolchain/.lock"
-if ! flock -n 9; then
-  echo "toolchain: another build holds $cache/toolchain/.lock; waiting for it" >&2
-  flock 9
-fi
+# Taken only when something must be built, so a run whose tools are all there never waits.
+locked=""
+lock() {
+  [ -z "$locked" ] || return 0
+  exec 9>"$cache/toolchain/.lock"
+  if ! flock -n 9; then
+    echo "toolchain: another build holds $cache/toolchain/.lock; waiting for it" >&2
+    flock 9
+  fi
+  locked=1
+}
 log() { echo "toolchain: $*" >&2; }
 
 # version_of TOOL BINARY: the version string the binary reports, for comparison with the pin.
@@ -121,6 +127,11 @@ ensure() {
     return 0
   fi
   adopt "$tool" && return 0
+  lock
+  # Built meanwhile by the run that held the lock?
+  if [ -x "$bin/$tool" ] && [ "$(cat "$stamps/$tool" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
   log "building $tool $want (first run on this machine; later runs reuse it)"
   local start=$SECONDS
   build "$tool"
