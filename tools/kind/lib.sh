@@ -82,6 +82,15 @@ sudo dockerd &) or run this as root, which starts one. Nothing was started."
 
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
+# prune_superseded IMAGE: removes the other tags of IMAGE's repository (older recipe keys of an image built here), so
+# the cache does not grow with every recipe change. Images still in use stay.
+prune_superseded() {
+  local repo=${1%:*} t
+  for t in $(docker images --format '{{.Repository}}:{{.Tag}}' "$repo"); do
+    [ "$t" = "$1" ] || docker rmi "$t" >/dev/null 2>&1 || true
+  done
+}
+
 # try_pull IMAGE: pull when a registry answers (bounded); fails fast offline. EMPORIUM_OFFLINE=1 skips pulls.
 try_pull() {
   [ "${EMPORIUM_OFFLINE:-0}" = 1 ] && return 1

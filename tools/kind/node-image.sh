@@ -95,31 +95,6 @@ k_crictl=$(recipe_key "$CRICTL_VERSION")
 step crictl/go-install "$k_crictl" "[ -x '$KIND_BIN/crictl' ]" -- go_install "$KIND_BIN" \
   "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION" "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
 
-k_coredns=$(modkey "$MODS/coredns" main.go)
-step coredns/go-build "$k_coredns" "[ -x '$KIND_BIN/coredns' ]" -- go_build "$MODS/coredns" "$KIND_BIN/coredns" "" .
-
-k_router=$(modkey "$MODS/kube-router")
-step kube-router/go-build "$k_router" "[ -x '$KIND_BIN/kube-router' ]" -- go_build "$MODS/kube-router" \
-  "$KIND_BIN/kube-router" "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION" \
-  github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
-
-k_lpp=$(modkey "$MODS/local-path-provisioner")
-step local-path-provisioner/go-build "$k_lpp" "[ -x '$KIND_BIN/local-path-provisioner' ]" -- \
-  go_build "$MODS/local-path-provisioner" "$KIND_BIN/local-path-provisioner" "" github.com/rancher/local-path-provisioner
-
-# Kubernetes from the toolchain's wrapper module (tools/toolchain/kubernetes), with the toolchain's flags: kubelet,
-# kubeadm, kube-proxy, kube-scheduler and, cached from the toolchain's own build (same module, same Go build cache),
-# kube-apiserver, kube-controller-manager and kubectl. etcd likewise from tools/toolchain/etcd.
-k_kube=$(recipe_key "$K8S_MOD/go.mod" "$K8S_MOD/go.sum" "$KUBERNETES_VERSION")
-step kubernetes/go-build "$k_kube" "[ -x '$KBIN/kubelet' ] && [ -x '$KBIN/kube-apiserver' ]" -- \
-  go_build "$K8S_MOD" "$KBIN/" "$(kube_ldflags)" -tags=selinux,notest,grpcnotrace \
-  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kube-proxy \
-  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kubectl
-ETCD_MOD=$EMPORIUM_ROOT/tools/toolchain/etcd
-k_etcd=$(recipe_key "$ETCD_MOD/go.mod" "$ETCD_MOD/go.sum" "$ETCD_VERSION")
-step etcd/go-build "$k_etcd" "[ -x '$KIND_BIN/etcd' ]" -- go_build "$ETCD_MOD" "$KIND_BIN/etcd" "" go.etcd.io/etcd/server/v3
-
 build_pause() {
   local src
   src=$(cd "$K8S_MOD" && GOFLAGS=-mod=mod go mod download -json k8s.io/kubernetes | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
@@ -156,7 +131,7 @@ BASE_IMAGE=emporium.local/kind-base:$k_base
 build_base() { # kind's images/base/Dockerfile, on a copy of the debootstrapped rootfs
   local r f=$KIND_MODDIR/images/base/files
   r=$(mktemp -d "$KIND_CACHE/base.XXXXXX")
-  trap 'rm -rf "$r"' EXIT
+  trap "rm -rf '$r'" EXIT
   cp -a "$node_rootfs/." "$r/"
   install -m0755 "$f"/usr/local/bin/* "$r/usr/local/bin/"
   mv "$r/usr/local/bin/entrypoint" "$r/usr/local/bin/entrypoint-kind"
@@ -188,13 +163,14 @@ build_base() { # kind's images/base/Dockerfile, on a copy of the debootstrapped 
   import_rootfs "$r" "$BASE_IMAGE" "$(printf 'ENV container=docker\nSTOPSIGNAL SIGRTMIN+3\nENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]')"
 }
 step kind-node/base-image "$k_base" "have_image $BASE_IMAGE" -- build_base
+prune_superseded "$BASE_IMAGE"
 
 k_net=$(recipe_key "$recipe" "$NET_PKGS")
 NET_IMAGE=emporium.local/kind-net:$k_net
 build_net() {
   local r
   r=$(mktemp -d "$KIND_CACHE/net.XXXXXX")
-  trap 'rm -rf "$r"' EXIT
+  trap "rm -rf '$r'" EXIT
   cp -a "$net_rootfs/." "$r/"
   install -m0755 "$here/node/iptables-wrapper" "$r/usr/sbin/iptables-wrapper"
   chroot "$r" sh -ec 'for v in iptables ip6tables; do
@@ -205,6 +181,33 @@ build_net() {
   import_rootfs "$r" "$NET_IMAGE" 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 }
 step kind-node/net-image "$k_net" "have_image $NET_IMAGE" -- build_net
+prune_superseded "$NET_IMAGE"
+
+# --- the Go builds (the longest part) ------------------------------------------------------------------------
+k_coredns=$(modkey "$MODS/coredns" main.go)
+step coredns/go-build "$k_coredns" "[ -x '$KIND_BIN/coredns' ]" -- go_build "$MODS/coredns" "$KIND_BIN/coredns" "" .
+
+k_router=$(modkey "$MODS/kube-router")
+step kube-router/go-build "$k_router" "[ -x '$KIND_BIN/kube-router' ]" -- go_build "$MODS/kube-router" \
+  "$KIND_BIN/kube-router" "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION" \
+  github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+
+k_lpp=$(modkey "$MODS/local-path-provisioner")
+step local-path-provisioner/go-build "$k_lpp" "[ -x '$KIND_BIN/local-path-provisioner' ]" -- \
+  go_build "$MODS/local-path-provisioner" "$KIND_BIN/local-path-provisioner" "" github.com/rancher/local-path-provisioner
+
+# Kubernetes from the toolchain's wrapper module (tools/toolchain/kubernetes), with the toolchain's flags: kubelet,
+# kubeadm, kube-proxy, kube-scheduler and, cached from the toolchain's own build (same module, same Go build cache),
+# kube-apiserver, kube-controller-manager and kubectl. etcd likewise from tools/toolchain/etcd.
+k_kube=$(recipe_key "$K8S_MOD/go.mod" "$K8S_MOD/go.sum" "$KUBERNETES_VERSION")
+step kubernetes/go-build "$k_kube" "[ -x '$KBIN/kubelet' ] && [ -x '$KBIN/kube-apiserver' ]" -- \
+  go_build "$K8S_MOD" "$KBIN/" "$(kube_ldflags)" -tags=selinux,notest,grpcnotrace \
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kube-proxy \
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kubectl
+ETCD_MOD=$EMPORIUM_ROOT/tools/toolchain/etcd
+k_etcd=$(recipe_key "$ETCD_MOD/go.mod" "$ETCD_MOD/go.sum" "$ETCD_VERSION")
+step etcd/go-build "$k_etcd" "[ -x '$KIND_BIN/etcd' ]" -- go_build "$ETCD_MOD" "$KIND_BIN/etcd" "" go.etcd.io/etcd/server/v3
 
 storage_images=$(sed -n 's/^ *image: *//p' "$KIND_CACHE/default-storage.yaml" | sort -u)
 LPP_IMAGE=$(echo "$storage_images" | grep local-path-provisioner)
@@ -287,7 +290,7 @@ build_node() { # what `kind build node-image` does, from local images only
   local id=emporium-kind-build-$$ i
   docker rm -f "$id" >/dev/null 2>&1 || true
   docker run -d --entrypoint=sleep --name="$id" --security-opt seccomp=unconfined "$BASE_IMAGE" infinity
-  trap 'docker rm -f -v "$id" >/dev/null 2>&1 || true' EXIT
+  trap "docker rm -f -v '$id' >/dev/null 2>&1 || true" EXIT
   for i in kubeadm kubelet; do docker cp "$KBIN/$i" "$id:/usr/bin/$i"; done
   docker cp "$KBIN/kubectl" "$id:/usr/bin/kubectl"
   docker exec "$id" sh -ec "chown root:root /usr/bin/kubeadm /usr/bin/kubelet /usr/bin/kubectl
@@ -302,9 +305,11 @@ build_node() { # what `kind build node-image` does, from local images only
   done
   docker exec "$id" ctr --namespace=k8s.io images list -q
   docker exec "$id" sh -c 'pkill containerd; sleep 1; rm -f /tmp/containerd.log'
-  docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' "$id" "$NODE_IMAGE"
+  # the build container ran `sleep infinity`: restore the base image's entrypoint, without that command
+  docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' --change 'CMD []' "$id" "$NODE_IMAGE"
 }
 step kind-node/node-image "$k_node" "have_image $NODE_IMAGE" -- build_node
+prune_superseded "$NODE_IMAGE"
 
 # metrics-server, for the HPAs of the ha profile (cluster.sh --ha loads it into the nodes)
 k_ms=$(modkey "$MODS/metrics-server")
