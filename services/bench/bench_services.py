@@ -1,14 +1,17 @@
 # ruff: noqa: S311 - random picks load, not secrets
 """Benchmark one instance each of the products and orders services (loopback only, bounded).
 
-    uv run python services/bench/bench_services.py [--requests 2000] [--orders 400] [--concurrency 16]
+    uv run python services/bench/bench_services.py [--requests 2000] [--orders 400] [--concurrency 8]
 
 Starts a throwaway Postgres from the test bed (or uses BENCH_POSTGRES_DSN, a superuser postgresql:// URL
-of an existing server), migrates two databases, serves a JWKS for test tokens, starts
+of an existing server), migrates the databases, serves a JWKS for test tokens, starts
 ``python -m emporium_products serve`` and ``python -m emporium_orders serve`` as separate processes on
-127.0.0.1, seeds products, then measures:
-- product listing: ``GET /products?limit=20&sort_by=-price`` (varying offsets and a name filter)
+127.0.0.1 (with ``--events``, the default: also a RabbitMQ node with the charts' topology, an SMTP sink
+and ``python -m emporium_notifications serve``), seeds products, then measures:
+- product listing: ``GET /products?limit=20`` (varying offsets, 30 % with a name filter)
 - order placement: ``POST /orders`` (one line, server-side prices, stock reserved in products over HTTP)
+- with ``--events``: order -> notification stored, from each 201 until the notifications service's
+  ``pg_notify`` for that order (outbox relay -> RabbitMQ -> consumer -> notifications row)
 and prints throughput and p50/p99 latency. Every phase is capped in request count and in time.
 """
 
@@ -36,6 +39,7 @@ from emporium_common.testing import TokenFactory
 from emporium_testbed.process import free_port
 
 SERVICES = Path(__file__).resolve().parents[1]
+REPO = SERVICES.parent
 INTERNAL_TOKEN = "bench-internal-token-0123456789"  # noqa: S105 - a throwaway local run
 
 
@@ -68,17 +72,38 @@ def start_service(name: str, env: dict[str, str], log_dir: Path) -> tuple[subpro
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a loaded shared machine imports slowly
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited; see {log.name}")
+            raise RuntimeError(f"{name} exited; its log ends:\n{Path(log.name).read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=1):
                 return process, url
         except OSError:
             time.sleep(0.2)
     process.kill()
-    raise RuntimeError(f"{name} did not start in time; see {log.name}")
+    tail = Path(log.name).read_text()[-2000:]
+    raise RuntimeError(f"{name} did not start in time; its log ends:\n{tail}")
+
+
+async def declare_topologies(rabbitmq) -> dict[str, str]:
+    """The charts' topology files for orders and notifications on a vhost, as the operator declares them."""
+    import secrets
+
+    import yaml
+    from emporium_operator.rabbit import RabbitAdmin, desired_topology, ensure_topology
+
+    urls = {}
+    async with RabbitAdmin(rabbitmq.management_url, rabbitmq.admin_user, rabbitmq.admin_password) as api:
+        await api.put_vhost("emporium")
+        for service in ("orders", "notifications"):
+            spec = yaml.safe_load((REPO / "charts" / service / "files" / "rabbit-topology.yaml").read_text())
+            spec["vhost"] = "emporium"
+            password = secrets.token_urlsafe(16)
+            want = desired_topology(spec, service, password)
+            await ensure_topology(api, want, {}, allow_queue_delete=False)
+            urls[service] = rabbitmq.url_for(want.user, password, "emporium")
+    return urls
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -119,7 +144,24 @@ async def run_phase(name, make_request, total: int, concurrency: int, max_second
     }
 
 
-async def benchmark(products_url: str, orders_url: str, tokens: TokenFactory, args) -> list[dict]:
+async def listen_notifications(dsn: str, stored: dict[int, float]) -> object:
+    """Record when each order's notification is stored (the service pg_notifies every stored row)."""
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+
+    def on_notify(_conn, _pid, _channel, payload: str) -> None:
+        order_id = json.loads(payload).get("order_id")
+        if order_id is not None:
+            stored.setdefault(int(order_id), time.perf_counter())
+
+    await connection.add_listener("emporium_notifications", on_notify)
+    return connection
+
+
+async def benchmark(
+    products_url: str, orders_url: str, tokens: TokenFactory, args, notifications_dsn: str | None = None
+) -> list[dict]:
     admin = tokens.auth_header("bench-admin", roles=["admin"])
     limits = httpx.Limits(
         max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2
@@ -149,20 +191,44 @@ async def benchmark(products_url: str, orders_url: str, tokens: TokenFactory, ar
             response = await client.get(f"{products_url}/products", params=params)
             return response.status_code == 200
 
-        buyers = [tokens.auth_header(f"bench-buyer-{i}") for i in range(50)]
+        buyers = [tokens.auth_header(f"bench-buyer-{i}", email=f"buyer-{i}@example.com") for i in range(50)]
+        placed: dict[int, float] = {}
+        stored: dict[int, float] = {}
 
         async def place_order() -> bool:
             body = {"items": [{"product_id": random.choice(product_ids), "quantity": 1}]}
             response = await client.post(f"{orders_url}/orders", json=body, headers=random.choice(buyers))
-            return response.status_code == 201
+            if response.status_code != 201:
+                return False
+            placed[response.json()["id"]] = time.perf_counter()
+            return True
 
+        listener = await listen_notifications(notifications_dsn, stored) if notifications_dsn else None
         await run_phase("warm-up", list_products, 100, 4, 10)
-        return [
+        results = [
             await run_phase(
                 "GET /products", list_products, args.requests, args.concurrency, args.max_seconds
             ),
             await run_phase("POST /orders", place_order, args.orders, args.concurrency, args.max_seconds),
         ]
+        if listener is not None:
+            deadline = time.perf_counter() + 30
+            # Polling a dict the listener fills: an Event per order would cost more than the wait.
+            while len(stored.keys() & placed.keys()) < len(placed) and time.perf_counter() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            await listener.close()  # type: ignore[attr-defined]
+            delays = [stored[i] - t for i, t in placed.items() if i in stored]
+            results.append(
+                {
+                    "phase": "order->notif",
+                    "requests": len(placed),
+                    "errors": len(placed) - len(delays),
+                    "rps": "",
+                    "p50_ms": round(percentile(delays, 0.50) * 1000, 1) if delays else None,
+                    "p99_ms": round(percentile(delays, 0.99) * 1000, 1) if delays else None,
+                }
+            )
+        return results
 
 
 def main() -> None:
@@ -172,7 +238,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="product listing requests (cap)")
     parser.add_argument("--orders", type=int, default=400, help="orders to place (cap)")
     parser.add_argument("--products", type=int, default=200, help="products to seed")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--events",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run RabbitMQ and the notifications service and measure order -> notification stored",
+    )
     parser.add_argument("--max-seconds", type=float, default=30.0, help="time cap per phase")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
@@ -184,6 +256,7 @@ def main() -> None:
         admin_dsn = os.environ.get("BENCH_POSTGRES_DSN")
         processes: list[subprocess.Popen] = []
         jwks_server = None
+        rabbitmq = smtp = None
         try:
             if not admin_dsn:
                 from emporium_testbed.postgres import PostgresServer
@@ -192,7 +265,8 @@ def main() -> None:
                 admin_dsn = postgres.admin_dsn
             suffix = uuid.uuid4().hex[:6]
             dsns = {}
-            for name in ("products", "orders"):
+            names = ("products", "orders", "notifications") if args.events else ("products", "orders")
+            for name in names:
                 db = f"bench_{name}_{suffix}"
                 subprocess.run(
                     ["psql", "-X", "-q", "-d", admin_dsn, "-c", f'CREATE DATABASE "{db}"'], check=True
@@ -203,16 +277,45 @@ def main() -> None:
             tokens = TokenFactory()
             jwks_server, jwks_url = serve_jwks(tokens.jwks)
             common = {"JWKS_URL": jwks_url, "INTERNAL_TOKEN": INTERNAL_TOKEN, "AMQP_URL": ""}
+            amqp: dict[str, str] = {}
+            if args.events:
+                from emporium_testbed.rabbitmq import RabbitMQServer
+                from emporium_testbed.smtp import SMTPSink
+
+                rabbitmq = RabbitMQServer(tmp_path / "rabbitmq").start()
+                smtp = SMTPSink().start()
+                amqp = asyncio.run(declare_topologies(rabbitmq))
+                notifications, _ = start_service(
+                    "notifications",
+                    {
+                        **common,
+                        "DATABASE_URL": dsns["notifications"],
+                        "AMQP_URL": amqp["notifications"],
+                        "SMTP_HOST": smtp.host,
+                        "SMTP_PORT": str(smtp.port),
+                    },
+                    tmp_path,
+                )
+                processes.append(notifications)
             products, products_url = start_service(
                 "products", {**common, "DATABASE_URL": dsns["products"]}, tmp_path
             )
             processes.append(products)
             orders, orders_url = start_service(
-                "orders", {**common, "DATABASE_URL": dsns["orders"], "PRODUCTS_URL": products_url}, tmp_path
+                "orders",
+                {
+                    **common,
+                    "DATABASE_URL": dsns["orders"],
+                    "PRODUCTS_URL": products_url,
+                    "AMQP_URL": amqp.get("orders", ""),
+                },
+                tmp_path,
             )
             processes.append(orders)
 
-            results = asyncio.run(benchmark(products_url, orders_url, tokens, args))
+            results = asyncio.run(
+                benchmark(products_url, orders_url, tokens, args, dsns.get("notifications"))
+            )
             print(f"Emporium services benchmark (1 instance each, loopback, concurrency {args.concurrency})")
             print(f"{'phase':<16}{'requests':>9}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
             for r in results:
@@ -231,6 +334,10 @@ def main() -> None:
                     process.kill()
             if jwks_server is not None:
                 jwks_server.shutdown()
+            if smtp is not None:
+                smtp.stop()
+            if rabbitmq is not None:
+                rabbitmq.stop()
             if postgres is not None:
                 postgres.stop()
 

@@ -309,6 +309,7 @@ class OutboxRelay:
         failures = 0
         delay = 0.0
         last_prune = 0.0
+        last_gauges = -5.0
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             connection = None
@@ -325,7 +326,9 @@ class OutboxRelay:
                     failures = 0
                     if published >= self.batch_size:
                         continue  # more waiting: no sleep
-                    await self.backlog()
+                    if loop.time() - last_gauges >= 5:  # the gauges' query, not once per order
+                        last_gauges = loop.time()
+                        await self.backlog()
                     if loop.time() - last_prune > 3600:
                         last_prune = loop.time()
                         await self.prune()

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from emporium_common import CurrentPrincipal, ErrorResponse, SessionDep
+from emporium_common.domain import MAX_INT
+from emporium_common.responses import model_response
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from . import service
-from .models import MAX_INT, OrderCreate, OrderPublic, OrderStatus, StatusUpdate
+from .models import OrderCreate, OrderPublic, OrderStatus, StatusUpdate
 
 router = APIRouter(
     prefix="/orders",
@@ -50,17 +52,15 @@ async def create_order(
     principal: CurrentPrincipal,
     session: SessionDep,
     request: Request,
-    response: Response,
     idempotency_key: IdempotencyKey = None,
-) -> OrderPublic:
+) -> Response:
     order, replayed = await service.place_order(
         session, request.app.state.products, principal, body, idempotency_key
     )
     if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    else:
-        _notify_relay(request)
-    return OrderPublic.model_validate(order)
+        return model_response(OrderPublic.model_validate(order), 201, {"Idempotent-Replayed": "true"})
+    _notify_relay(request)
+    return model_response(OrderPublic.model_validate(order), 201)
 
 
 @router.get("", response_model=list[OrderPublic])

@@ -152,6 +152,7 @@ async def place_order(
             reservation_id,
         )
         raise
+    # No reload: ids and server-side timestamps came back with the INSERTs (RETURNING, eager defaults).
     return order, False
 
 

@@ -26,6 +26,23 @@ SORTS = {
 }
 
 
+PUBLIC_COLUMNS = [
+    col(getattr(Product, name))
+    for name in (
+        "id",
+        "name",
+        "description",
+        "price",
+        "stock_quantity",
+        "sku",
+        "category",
+        "is_active",
+        "created_at",
+        "updated_at",
+    )
+]
+
+
 def escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -39,7 +56,8 @@ async def list_products(
     is_active: bool | None,
     name: str | None,
     sort_by: SortBy,
-) -> tuple[list[Product], int]:
+) -> tuple[list[dict[str, Any]], int]:
+    """One page and the total in one round trip (``count(*) OVER ()``); plain rows, no ORM objects."""
     conditions: list[Any] = []
     if category is not None:
         conditions.append(col(Product.category) == category)
@@ -47,11 +65,23 @@ async def list_products(
         conditions.append(col(Product.is_active) == is_active)
     if name:
         conditions.append(col(Product.name).ilike(f"%{escape_like(name)}%", escape="\\"))
-    total = (await session.exec(select(sa.func.count()).select_from(Product).where(*conditions))).one()
-    rows = await session.exec(
-        select(Product).where(*conditions).order_by(*SORTS[sort_by]).limit(limit).offset(offset)
+    table = Product.__table__  # type: ignore[attr-defined]
+    query = (
+        sa.select(*PUBLIC_COLUMNS, sa.func.count().over().label("total"))
+        .select_from(table)
+        .where(*conditions)
+        .order_by(*SORTS[sort_by])
+        .limit(limit)
+        .offset(offset)
     )
-    return list(rows.all()), int(total)
+    rows = [dict(row) for row in (await session.execute(query)).mappings()]
+    if rows:
+        return rows, int(rows[0]["total"])
+    if offset == 0:
+        return [], 0
+    # Past the last page: the window function had no row to ride on.
+    total = (await session.execute(sa.select(sa.func.count()).select_from(table).where(*conditions))).scalar()
+    return [], int(total or 0)
 
 
 async def get_product(session: AsyncSession, product_id: int, *, lock: bool = False) -> Product:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from emporium_common import AppError, ErrorResponse, SessionDep, require_role
 from emporium_common.domain import MAX_INT
+from emporium_common.responses import model_response
 from fastapi import APIRouter, Depends, Header, Path, Query, Response, status
 
 from . import crud
@@ -64,6 +65,7 @@ async def list_products(
     ] = None,
     sort_by: SortBy = SortBy.created_at_desc,
 ) -> ProductList:
+    """One query per page; the body is serialised once by pydantic-core (no second validation pass)."""
     items, total = await crud.list_products(
         session,
         limit=limit,
@@ -73,9 +75,8 @@ async def list_products(
         name=name,
         sort_by=sort_by,
     )
-    return ProductList(
-        items=[ProductPublic.model_validate(p) for p in items], total=total, limit=limit, offset=offset
-    )
+    page = ProductList.model_validate({"items": items, "total": total, "limit": limit, "offset": offset})
+    return model_response(page)  # type: ignore[return-value]
 
 
 @router.get("/{product_id}", response_model=ProductPublic, responses={404: {"model": ErrorResponse}})
