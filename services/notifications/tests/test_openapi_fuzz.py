@@ -39,7 +39,7 @@ def fuzz_target(postgres, smtp_sink):
 
 @schema.parametrize()
 @settings(
-    max_examples=25,
+    max_examples=testing.FUZZ_EXAMPLES,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     phases=[Phase.explicit, Phase.generate],

@@ -6,15 +6,14 @@ import uuid
 from datetime import datetime
 
 import sqlalchemy as sa
+from emporium_common.domain import timestamp_column
 from pydantic import BaseModel, ConfigDict
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
 
 def _ts(nullable: bool = False) -> sa.Column:
-    if nullable:
-        return sa.Column(sa.DateTime(timezone=True))
-    return sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
+    return timestamp_column(nullable=nullable)
 
 
 class ProcessedEvent(SQLModel, table=True):

@@ -7,12 +7,12 @@ import contextlib
 import json
 from typing import Annotated, Literal
 
-import sqlalchemy as sa
-from emporium_common import AppError, CurrentPrincipal, ErrorResponse, SessionDep, require_role
+from emporium_common import CurrentPrincipal, ErrorResponse, SessionDep, require_role
 from emporium_common.auth import InvalidToken
+from emporium_common.domain import MAX_INT
 from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket, WebSocketDisconnect
-from sqlmodel import col, select
 
+from . import crud
 from .models import Notification, NotificationDetail, NotificationList
 
 router = APIRouter(
@@ -20,7 +20,6 @@ router = APIRouter(
     tags=["notifications"],
     responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
 )
-MAX_INT = 2**31 - 1
 NotificationId = Annotated[int, Path(ge=1, le=MAX_INT)]
 
 
@@ -36,41 +35,23 @@ async def list_notifications(
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     page_size: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> NotificationList:
-    conditions = []
-    if principal.has_role("admin"):
-        if recipient:
-            conditions.append(col(Notification.recipient_email) == recipient.strip().lower())
-    else:
-        if recipient:
-            raise AppError(403, "Only admins may filter by recipient", "forbidden")
-        conditions.append(col(Notification.user_id) == principal.sub)
-    if status:
-        conditions.append(col(Notification.status) == status)
-    if order_id:
-        conditions.append(col(Notification.order_id) == order_id)
-    total = (await session.exec(select(sa.func.count()).select_from(Notification).where(*conditions))).one()
-    rows = await session.exec(
-        select(Notification)
-        .where(*conditions)
-        .order_by(col(Notification.id).desc())
-        .offset((page - 1) * page_size)
-        .limit(page_size)
+    rows, total = await crud.list_notifications(
+        session,
+        principal,
+        recipient=recipient,
+        status=status,
+        order_id=order_id,
+        page=page,
+        page_size=page_size,
     )
-    return NotificationList.model_validate({"notifications": list(rows.all()), "total": total})
-
-
-async def _get(session, principal, notification_id: int) -> Notification:
-    notification = await session.get(Notification, notification_id)
-    if notification is None or (not principal.has_role("admin") and notification.user_id != principal.sub):
-        raise AppError(404, "Notification not found")
-    return notification
+    return NotificationList.model_validate({"notifications": rows, "total": total})
 
 
 @router.get("/{notification_id}", response_model=NotificationDetail)
 async def get_notification(
     notification_id: NotificationId, principal: CurrentPrincipal, session: SessionDep
 ) -> Notification:
-    return await _get(session, principal, notification_id)
+    return await crud.get_notification(session, principal, notification_id)
 
 
 @router.post(
@@ -83,14 +64,7 @@ async def retry_notification(
     notification_id: NotificationId, principal: CurrentPrincipal, session: SessionDep, request: Request
 ) -> Notification:
     """Send a failed notification again (its stored body, to its stored recipient); returns the new status."""
-    notification = await _get(session, principal, notification_id)
-    if notification.status != "failed":
-        raise AppError(400, "Only failed notifications can be retried")
-    if not notification.recipient_email:
-        raise AppError(400, "Notification has no recipient address")
-    notification.status, notification.attempts, notification.next_attempt_at = "pending", 0, None
-    session.add(notification)
-    await session.commit()
+    notification = await crud.mark_for_retry(session, principal, notification_id)
     await request.app.state.mailer.deliver_due(only_id=notification_id)
     await session.refresh(notification)
     return notification
