@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
 ARGS ?=
 
-.PHONY: help tools deps lint format test bench kind-up kind-dev kind-down up down status
+.PHONY: help tools deps lint format test fuzz bench kind-up kind-dev kind-down up down status
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,6 +24,11 @@ format: deps ## Apply ruff's fixes and formatting
 
 test: ## Install what is missing, then lint and run every test (ARGS="..." goes to pytest)
 	@bash tools/test.sh $(ARGS)
+
+fuzz: ## The services' schemathesis runs with 200 examples per operation (0 5xx); make test runs 25
+	@SCHEMATHESIS_MAX_EXAMPLES=200 bash tools/test.sh services/products/tests/test_openapi_fuzz.py \
+		services/orders/tests/test_openapi_fuzz.py services/notifications/tests/test_openapi_fuzz.py \
+		services/users/tests/test_schemathesis.py $(ARGS)
 
 bench: ## Print throughput, latency and operator figures (bounded; loopback only)
 	@bash tools/bench.sh

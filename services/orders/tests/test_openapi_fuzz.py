@@ -51,7 +51,7 @@ def fuzz_target(postgres):
 
 @schema.parametrize()
 @settings(
-    max_examples=25,
+    max_examples=testing.FUZZ_EXAMPLES,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     phases=[Phase.explicit, Phase.generate],

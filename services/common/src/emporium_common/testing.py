@@ -29,6 +29,7 @@ Typical ``services/<svc>/tests/conftest.py``::
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -46,6 +47,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from .auth import StaticKeySet, TokenVerifier
 from .db import create_engine, get_session
 from .migrations import upgrade_head_async
+
+# Schemathesis examples per operation in the services' OpenAPI fuzz tests: 25 in ``make test``, 200 in
+# ``make fuzz`` (SCHEMATHESIS_MAX_EXAMPLES=200).
+FUZZ_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25"))
 
 
 def create_test_database(postgres: Any, prefix: str) -> str:
