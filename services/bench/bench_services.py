@@ -282,7 +282,7 @@ def main() -> None:
                 from emporium_testbed.rabbitmq import RabbitMQServer
                 from emporium_testbed.smtp import SMTPSink
 
-                rabbitmq = RabbitMQServer(tmp_path / "rabbitmq").start()
+                rabbitmq = RabbitMQServer(tmp_path / "rabbitmq").start(timeout=300)
                 smtp = SMTPSink().start()
                 amqp = asyncio.run(declare_topologies(rabbitmq))
                 notifications, _ = start_service(
