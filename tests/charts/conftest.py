@@ -123,6 +123,8 @@ def helm_args_for(release: dict) -> list[str]:
     for key, value in (release.get("setValues") or {}).items():
         args += ["--set-string", f"{key}={value}"]
     for key in release.get("setValueTemplates") or {}:
-        fake = "registry.local/emporium" if key.endswith(".repository") else "v1@sha256:" + "0" * 64
+        fake = {"repository": "registry.local/emporium", "digest": "sha256:" + "0" * 64}.get(
+            key.rsplit(".", 1)[-1], "v1"
+        )
         args += ["--set-string", f"{key}={fake}"]
     return args

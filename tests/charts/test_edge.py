@@ -216,7 +216,12 @@ def test_mesh_normalises_paths_before_the_rules() -> None:
     istiod = yaml.safe_load((REPO_ROOT / "k8s" / "istio" / "istiod-values.yaml").read_text())
     assert istiod["meshConfig"]["pathNormalization"]["normalization"] == "DECODE_AND_MERGE_SLASHES"
     # Envoy fetches the key set through the mesh: no plaintext istiod fetch against a STRICT pod
-    assert istiod["pilot"]["env"]["PILOT_JWT_ENABLE_REMOTE_JWKS"] == "envoy"
+    # (the istiod chart's values are flat: env is a top-level key, a "pilot:" level would be ignored)
+    assert istiod["env"]["PILOT_JWT_ENABLE_REMOTE_JWKS"] == "envoy"
+    assert "pilot" not in istiod
+    # the proxies are upstream Envoy: no Istio-only extensions in what istiod sends them
+    assert istiod["env"]["PILOT_ENABLE_ALPN_FILTER"] == istiod["env"]["PILOT_ENABLE_METADATA_EXCHANGE"] == "false"
+    assert istiod["telemetry"]["enabled"] is False
 
 
 def test_internal_endpoints_are_closed_at_the_edge(edge) -> None:

@@ -209,7 +209,9 @@ def test_service_workloads(render) -> None:
         assert by_kind["PostgresDatabase"][svc]["spec"]["secretName"] == f"{svc}-db"
         job = by_kind["Job"][f"{svc}-migrate"]
         hook = job["metadata"]["annotations"]["helm.sh/hook"]
-        assert hook == "post-install,pre-upgrade"
+        # rendered for an install (no cluster to look up): post-install. On an upgrade it is pre-upgrade when
+        # the service already runs, post-upgrade when the upgrade enables it (tests/e2e/test_kind_cluster.py).
+        assert hook == "post-install,post-upgrade"
         job_spec = job["spec"]
         selector = by_kind["Service"][svc]["spec"]["selector"]
         pod_labels = job_spec["template"]["metadata"]["labels"]
@@ -365,7 +367,7 @@ def test_prometheus_rule_is_the_promtool_file(render) -> None:
 
 
 def test_add_on_manifests_validate(kubeconform: str, schema_locations, tmp_path) -> None:
-    """k8s/ manifests applied by kind-up.sh (namespaces, Postgres, RabbitMQ, mail catcher, the servers)."""
+    """k8s/ manifests applied by tools/kind/deploy.sh (namespaces, Postgres, RabbitMQ, mail catcher, the servers)."""
     k8s = CHARTS.parent / "k8s"
     files = [k8s / "namespaces.yaml", *sorted((k8s / "dev").glob("*.yaml"))]
     cmd = [kubeconform, "-strict", "-summary"]

@@ -86,7 +86,10 @@ def test_skaffold_render(skaffold, project, kubeconform, schema_locations, profi
     manifest = "".join(lines)
     objects = parse(manifest)
     kinds = {o["kind"] for o in objects}
-    assert {"Deployment", "ClusterRole", "PostgresDatabase", "RabbitTopology", "PrometheusRule"} <= kinds
+    assert {"Deployment", "ClusterRole", "PostgresDatabase", "RabbitTopology"} <= kinds
+    # kind has no kube-prometheus-stack (k8s/values/kind.yaml): monitoring objects only in the ha profile
+    monitoring = {"PrometheusRule", "ServiceMonitor", "PodMonitor"} & kinds
+    assert monitoring == ({"PrometheusRule", "ServiceMonitor"} if profile == "ha" else set()), monitoring
     images = {
         container["image"]
         for obj in objects

@@ -55,6 +55,9 @@ spec:
 {{/*
 Migration: one Job per release revision, as a Helm hook. post-install: the PostgresDatabase is created
 with the release, so the Job starts after it; pre-upgrade: the schema moves before new pods roll out.
+pre-upgrade only when the service is already running (its Deployment and database Secret exist): a service
+enabled by this upgrade has neither yet (they come with the upgrade itself), so a pre-upgrade Job could never
+start and the upgrade would wait for it until it times out; its migration runs post-upgrade instead.
 The pod cannot start before the operator has written the database Secret (secretKeyRef), then an init
 container waits until the server accepts connections; only this Job migrates (never the replicas at
 startup), and `migrate` itself serialises concurrent runs, so several replicas are safe.
@@ -69,7 +72,10 @@ metadata:
     {{- include "emporium-lib.commonLabels" . | nindent 4 }}
     app.kubernetes.io/component: migration
   annotations:
-    helm.sh/hook: post-install,pre-upgrade
+    {{- $running := and .Release.IsUpgrade
+          (lookup "apps/v1" "Deployment" .Release.Namespace (include "emporium-lib.fullname" .))
+          (lookup "v1" "Secret" .Release.Namespace (include "emporium-lib.dbSecretName" .)) }}
+    helm.sh/hook: {{ ternary "pre-upgrade" "post-install,post-upgrade" (not (empty $running)) }}
     helm.sh/hook-weight: "0"
     helm.sh/hook-delete-policy: before-hook-creation
 spec:

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Everything that runs IN the kind cluster "emporium" (tools/kind/cluster.sh creates the cluster, then calls this):
+#  1. the add-on images (tools/images/build.sh: pulled when a registry answers, else built here), loaded into kind;
+#  2. Istio from its own Helm charts (base, istiod, gateway) in the pinned istio.io/istio module source;
+#  3. the development data services (Postgres, RabbitMQ with management, mailpit) and the operator's CRDs
+#     and PostgresServer/RabbitServer objects;
+#  4. `skaffold run`: builds the five images from their Dockerfiles, loads them, installs the operator chart
+#     and the umbrella chart with hooks (the migration Jobs run), waits until everything is ready.
+#
+#   tools/kind/deploy.sh [--dev] [--ha | -p PROFILE]     (idempotent: re-running upgrades in place)
+#
+# Needs kind (with the docker shim when this machine needs it), kubectl, helm, skaffold, go on PATH; the
+# context kind-$KIND_CLUSTER (default emporium).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+cluster=${KIND_CLUSTER:-emporium}
+context=kind-$cluster
+mode=run
+profile=${SKAFFOLD_PROFILE:-}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dev) mode=dev ;;
+    --ha) profile=ha ;;
+    # before the cluster is deleted: nothing outside the cluster to clean (skaffold's ~/.skaffold/cache is a
+    # build cache, kept like the images)
+    --down) exit 0 ;;
+    -p | --profile) profile=$2; shift ;;
+    *) echo "deploy: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+t0=$SECONDS
+log() { printf '\n==> [%3ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+die() { printf 'deploy: %s\n' "$*" >&2; exit 1; }
+for tool in docker kind kubectl helm skaffold go; do
+  command -v "$tool" >/dev/null || die "$tool is not on PATH (make kind-up sets PATH up)"
+done
+kind get clusters 2>/dev/null | grep -qx "$cluster" || die "no kind cluster $cluster (make kind-up creates it)"
+kc() { kubectl --context "$context" "$@"; }
+hi() { helm --kube-context "$context" upgrade --install --wait --timeout 10m "$@"; }
+
+ISTIO_VERSION=$(sed -n 's/^ISTIO_VERSION=//p' "$root/tools/toolchain/versions.env")
+istio_charts=$(cd "$root/tools/toolchain/istio" && GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download istio.io/istio &&
+  GOTOOLCHAIN=local GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' istio.io/istio)/manifests/charts
+
+log "add-on images (tools/images/build.sh; logs in ~/.cache/emporium/images/logs)"
+bash "$root/tools/images/build.sh"
+log "loading the add-on images into kind"
+for image in $(bash "$root/tools/images/build.sh" --list | grep '^emporium.local/' | grep -v '/debian:'); do
+  kind load docker-image --name "$cluster" "$image" >/dev/null
+done
+
+log "namespaces"
+kc apply -f "$root/k8s/namespaces.yaml" >/dev/null
+
+log "Istio $ISTIO_VERSION from $istio_charts (base, istiod, ingress gateway on NodePort 30080 -> 127.0.0.1:8080)"
+hi istio-base "$istio_charts/base" -n istio-system --create-namespace -f "$root/k8s/istio/base-values.yaml"
+hi istiod "$istio_charts/istio-control/istio-discovery" -n istio-system -f "$root/k8s/istio/istiod-values.yaml" \
+  --set global.tag="$ISTIO_VERSION"
+hi istio-ingressgateway "$istio_charts/gateway" -n istio-system -f "$root/k8s/istio/gateway-values.yaml"
+
+log "development data services: Postgres, RabbitMQ, mailpit"
+kc apply -f "$root/k8s/dev/postgres.yaml" -f "$root/k8s/dev/rabbitmq.yaml" -f "$root/k8s/dev/mailpit.yaml" >/dev/null
+kc -n data rollout status statefulset/postgres --timeout=5m
+kc -n data rollout status statefulset/rabbitmq --timeout=5m
+kc -n mail rollout status deployment/mailpit --timeout=5m
+
+log "operator CRDs, then the PostgresServer/RabbitServer objects (development credentials)"
+kc apply --server-side -f "$root/charts/emporium-operator/crds/" >/dev/null
+kc wait --for=condition=Established crd --all --timeout=60s >/dev/null
+kc apply -f "$root/k8s/dev/servers.yaml" >/dev/null
+
+log "skaffold $mode${profile:+ -p $profile} (builds the five images, operator chart, then the platform with its hooks)"
+cd "$root"
+args=(--kube-context "$context" ${profile:+-p "$profile"})
+if [ "$mode" = dev ]; then
+  exec skaffold dev "${args[@]}" --port-forward=user
+fi
+skaffold run "${args[@]}"
+
+log "waiting for the ingress (http://127.0.0.1:8080/health)"
+for _ in $(seq 1 60); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/health || true)
+  [ "$code" = 200 ] && break
+  sleep 2
+done
+[ "$code" = 200 ] || die "the ingress answers $code on http://127.0.0.1:8080/health (kubectl --context $context -n istio-system logs deploy/istio-ingressgateway)"
+
+secret() { kc -n emporium get secret users-admin -o "jsonpath={.data.$1}" | base64 -d; }
+log "the sample catalog, added as the admin through the ingress (as make up does; existing SKUs are kept)"
+python3 - "$root/tools/testbed/src/emporium_testbed/data/sample-catalog.json" "$(secret ADMIN_EMAIL)" \
+  "$(secret ADMIN_PASSWORD)" <<'PY'
+import json, sys, urllib.error, urllib.request
+
+catalog, email, password = sys.argv[1:]
+def call(path, body, token=None):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:8080{path}", json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, None
+status, login = call("/users/login", {"email": email, "password": password})
+assert status == 200, f"admin login through the ingress: {status}"
+added = 0
+for product in json.load(open(catalog)):
+    status, _ = call("/products", product, login["access_token"])
+    assert status in (201, 409), f"POST /products {product.get('sku')}: {status}"
+    added += status == 201
+print(f"sample catalog: {added} added")
+PY
+
+cat <<EOF
+
+Emporium is running on kind (context $context), ready after $((SECONDS - t0)) s:
+  ingress:  http://127.0.0.1:8080   (try: curl http://127.0.0.1:8080/products)
+  admin:    kubectl --context $context -n emporium get secret users-admin -o jsonpath='{.data.ADMIN_EMAIL}' | base64 -d
+            kubectl --context $context -n emporium get secret users-admin -o jsonpath='{.data.ADMIN_PASSWORD}' | base64 -d
+  mail:     kubectl --context $context -n mail port-forward svc/mailpit 8025  (API: /api/v1/messages)
+  remove:   make kind-down
+EOF
