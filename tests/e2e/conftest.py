@@ -1,5 +1,5 @@
-"""One kind cluster per test session, shared by every test that needs it (tests/e2e/test_kind_cluster.py),
-created by the first of them (tools/kind/cluster.sh up) and deleted at the end of the session.
+"""One kind cluster per test session, shared by every test that needs it (test_kind_cluster.py and
+test_kind_platform.py), created by the first of them (tools/kind/cluster.sh up), deleted at the session's end.
 
 The cluster's ingress holds port 8080, as `make up` does: the tests that use the cluster run last in the
 session, after everything that starts the local platform.
@@ -13,7 +13,8 @@ from emporium_testbed.kind import KindPlatform, kind_unavailable
 
 def _uses_kind(item: pytest.Item) -> bool:
     fixtures = getattr(item, "fixturenames", ())
-    return "kind_cluster" in fixtures
+    callspec = getattr(item, "callspec", None)
+    return "kind_cluster" in fixtures or (callspec is not None and callspec.params.get("platform") == "kind")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]):
