@@ -60,3 +60,19 @@ def test_production_accepts_strong_config():
 
 def test_local_allows_defaults():
     assert not Settings(database_url="postgresql://postgres:postgres@localhost/x").is_production
+
+
+def test_internal_token_settings_are_required_in_production():
+    from emporium_common.config import InternalTokenSettings
+
+    strong = {
+        "environment": "production",
+        "database_url": "postgresql://svc:Str0ng-Passw0rd-123@db:5432/x",
+        "jwks_url": "http://users:8000/.well-known/jwks.json",
+    }
+    with pytest.raises(ValueError, match="INTERNAL_TOKEN is not set"):
+        InternalTokenSettings(**strong)
+    assert InternalTokenSettings(**strong, internal_token="x" * 16).internal_token == "x" * 16
+    with pytest.raises(ValueError):
+        InternalTokenSettings(internal_token="too-short")
+    assert InternalTokenSettings().internal_token is None  # locally: the internal API just refuses calls

@@ -90,3 +90,17 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("refusing weak production configuration: " + "; ".join(problems))
         return self
+
+
+class InternalTokenSettings(Settings):
+    """Settings of the services on either side of products' ``/internal/`` stock API (products, orders)."""
+
+    # Shared secret orders sends and products checks as X-Internal-Token (the same value in both).
+    # Unset: products refuses every internal call (403); production refuses to start without it.
+    internal_token: str | None = Field(default=None, min_length=16)
+
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        if not self.internal_token:
+            problems.append("INTERNAL_TOKEN is not set")
+        return problems
