@@ -1,37 +1,56 @@
-"""Operator benchmark: apply-to-Ready latency, restart convergence and peak memory.
+"""Operator benchmark: latency to Ready observed through a watch, against the backends' own floor measured
+in the same run.
 
-Starts its own test bed (control plane, Postgres, RabbitMQ from emporium_testbed) in a temporary folder, runs
-the operator as a real `kopf run` process, and prints:
-  - time from `kubectl apply` to Ready (p50, p99) for N PostgresDatabase and N RabbitTopology objects,
-  - time to converge after an operator restart (every object's spec changed while it was down),
-  - the operator process's peak resident memory (VmHWM).
-Bounded: every phase has a deadline derived from --timeout (default 600 s overall).
+Starts its own test bed (control plane, Postgres with max_connections=100, RabbitMQ) in a temporary
+folder and runs the operator as a real `kopf run` process. Every object is created by the bench (one API
+call each, its start time taken just before the call); a watch records the moment each one is first seen
+Ready at its generation. Phases (each bounded in time):
 
-    uv run python operator/bench/bench_operator.py [--count 100] [--timeout 600]
+  single     one PostgresDatabase, then one RabbitTopology, at a time (--singles each): p50
+  burst      --count PostgresDatabase at once, then --count RabbitTopology at once: p50, p99, in-order
+  floor      the same --count CREATE ROLE + CREATE DATABASE through one Postgres session, and the same
+             management API calls (user, permissions, definitions) without the operator: p50, p99
+  together   a RabbitVhost and a RabbitTopology using it, created together: the topology's time to Ready
+  restart    the operator restarted with every object Ready: time until it is serving again, and the
+             writes it made within 10 s (Kubernetes objects, Secrets, roles, broker users): should be 0
+  scale      --scale PostgresDatabase objects (default 1000) at once: all Ready, time, operator peak RSS
+
+    uv run python operator/bench/bench_operator.py [--count 100] [--singles 10] [--scale 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
+import asyncpg
+import httpx
 from emporium_testbed.controlplane import ControlPlane
 from emporium_testbed.postgres import PostgresServer
+from emporium_testbed.process import free_port, port_open
 from emporium_testbed.rabbitmq import RabbitMQServer
 from emporium_testbed.toolchain import tool
-from kubernetes import client, config
+from kubernetes import client, config, watch
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "charts" / "emporium-operator" / "crds"
 GROUP, VERSION = "emporium.dev", "v1alpha1"
 NS = "bench"
+PLURALS = {
+    "PostgresDatabase": "postgresdatabases",
+    "RabbitTopology": "rabbittopologies",
+    "RabbitVhost": "rabbitvhosts",
+}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -42,34 +61,43 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
+def summary(values: list[float]) -> str:
+    return f"p50 {percentile(values, 50):.3f}s p99 {percentile(values, 99):.3f}s (n={len(values)})"
+
+
 class Operator:
     def __init__(self, kubeconfig: Path, log: Path):
         self.kubeconfig, self.log = kubeconfig, log
         self.proc: subprocess.Popen | None = None
         self.peak_kb = 0
+        self.liveness = free_port()
 
-    def start(self) -> None:
+    def start(self) -> float:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "METRICS_PORT": "0",
             "EMPORIUM_RECONCILE_INTERVAL": "300",
-            "EMPORIUM_RETRY_DELAY": "5",
         }
+        started = time.monotonic()
         self.proc = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "kopf"),
                 "run",
                 "-m",
                 "emporium_operator.main",
-                "--namespace",
-                NS,
+                f"--namespace={NS}",
                 "--standalone",
+                f"--liveness=http://127.0.0.1:{self.liveness}/healthz",
             ],
             env=env,
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,
         )
+        return started
+
+    def serving(self) -> bool:
+        return port_open("127.0.0.1", self.liveness)
 
     def sample(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -80,6 +108,15 @@ class Operator:
             except OSError:
                 pass
 
+    def rss_mib(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, AttributeError):
+            pass
+        return float("nan")
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.sample()
@@ -89,6 +126,168 @@ class Operator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class ReadyWatch:
+    """Records, per object, the first moment a watch event shows it Ready at its generation."""
+
+    def __init__(self, api_client: client.ApiClient, plural: str, op: Operator):
+        self.api = client.CustomObjectsApi(api_client)
+        self.plural, self.op = plural, op
+        self.ready: dict[str, float] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            w = watch.Watch()
+            try:
+                for event in w.stream(
+                    self.api.list_namespaced_custom_object, GROUP, VERSION, NS, self.plural, timeout_seconds=5
+                ):
+                    now = time.monotonic()
+                    obj = event["object"]
+                    name = obj["metadata"]["name"]
+                    status = obj.get("status") or {}
+                    ok = any(
+                        c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or []
+                    )
+                    if ok and status.get("observedGeneration") == obj["metadata"]["generation"]:
+                        self.ready.setdefault(name, now)
+                    if self.stopped.is_set():
+                        break
+            except Exception:
+                time.sleep(0.1)
+                continue
+            finally:
+                self.op.sample()
+
+    def wait(self, names: list[str], deadline: float) -> dict[str, float]:
+        while time.monotonic() < deadline and not all(n in self.ready for n in names):
+            time.sleep(0.02)
+        return {n: self.ready[n] for n in names if n in self.ready}
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def body(kind: str, name: str, spec: dict) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def db_spec(name: str) -> dict:
+    return {"serverRef": {"name": "pg"}, "databaseName": name}
+
+
+def topo_spec(name: str, vhost: str = "bench") -> dict:
+    return {
+        "serverRef": {"name": "rabbit"},
+        "vhost": vhost,
+        "exchanges": [{"name": "emporium.events"}],
+        "queues": [{"name": f"{name}.events", "messageTtl": 60000}],
+        "bindings": [
+            {"source": "emporium.events", "destination": f"{name}.events", "routingKey": f"{name}.#"}
+        ],
+    }
+
+
+def create_all(api: client.CustomObjectsApi, docs: list[dict], workers: int = 8) -> dict[str, float]:
+    """Create every object (workers in parallel, i.e. "applied at once"); start time per object."""
+    starts: dict[str, float] = {}
+
+    def create(doc: dict) -> None:
+        starts[doc["metadata"]["name"]] = time.monotonic()
+        api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURALS[doc["kind"]], doc)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(create, docs))
+    return starts
+
+
+def latencies(starts: dict[str, float], ready: dict[str, float]) -> list[float]:
+    return [ready[n] - starts[n] for n in starts if n in ready]
+
+
+def in_order(starts: dict[str, float], ready: dict[str, float]) -> str:
+    lat = latencies(starts, ready)
+    ratio = percentile(lat, 50) / percentile(lat, 99) if lat else float("nan")
+    return f"p50/p99 {ratio:.2f}"
+
+
+async def pg_floor(pg: PostgresServer, names: list[str]) -> list[float]:
+    """The same CREATE ROLE + CREATE DATABASE per object through one session: completion time of each."""
+    conn = await asyncpg.connect(pg.admin_dsn)
+    try:
+        start = time.monotonic()
+        done = []
+        for name in names:
+            await conn.execute(f"CREATE ROLE \"{name}_owner\" LOGIN PASSWORD 'x'")
+            await conn.execute(f'CREATE DATABASE "{name}" OWNER "{name}_owner"')
+            done.append(time.monotonic() - start)
+        return done
+    finally:
+        await conn.close()
+
+
+async def rabbit_floor(rmq: RabbitMQServer, names: list[str], vhost: str) -> list[float]:
+    """The same management API calls (user, permissions, definitions) without the operator."""
+    async with httpx.AsyncClient(
+        base_url=rmq.management_url + "/api", auth=(rmq.admin_user, rmq.admin_password), timeout=30
+    ) as http:
+        (await http.put(f"/vhosts/{vhost}", json={"description": "floor"})).raise_for_status()
+        perms = {"configure": ".*", "write": ".*", "read": ".*"}
+        (await http.put(f"/permissions/{vhost}/{rmq.admin_user}", json=perms)).raise_for_status()
+        start = time.monotonic()
+        done = []
+        for name in names:
+            (await http.get(f"/users/{name}")).status_code  # noqa: B018 - observed, as the operator does
+            (await http.put(f"/users/{name}", json={"password": "x", "tags": ""})).raise_for_status()
+            (await http.get(f"/permissions/{vhost}/{name}")).status_code  # noqa: B018
+            user_perms = {"configure": "^$", "write": ".*", "read": ".*"}
+            (await http.put(f"/permissions/{vhost}/{name}", json=user_perms)).raise_for_status()
+            (await http.get(f"/definitions/{vhost}")).raise_for_status()
+            definitions = {
+                "exchanges": [
+                    {
+                        "name": "emporium.events",
+                        "type": "topic",
+                        "durable": True,
+                        "auto_delete": False,
+                        "internal": False,
+                        "arguments": {},
+                    }
+                ],
+                "queues": [
+                    {
+                        "name": f"{name}.events",
+                        "durable": True,
+                        "auto_delete": False,
+                        "arguments": {"x-queue-type": "quorum"},
+                    }
+                ],
+                "bindings": [
+                    {
+                        "source": "emporium.events",
+                        "destination": f"{name}.events",
+                        "destination_type": "queue",
+                        "routing_key": f"{name}.#",
+                        "arguments": {},
+                    }
+                ],
+                "policies": [
+                    {
+                        "name": f"emporium-queue.{name}.events",
+                        "pattern": f"^{name}\\.events$",
+                        "apply-to": "queues",
+                        "priority": 100,
+                        "definition": {"message-ttl": 60000},
+                    }
+                ],
+            }
+            (await http.post(f"/definitions/{vhost}", json=definitions)).raise_for_status()
+            done.append(time.monotonic() - start)
+        return done
 
 
 def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> None:
@@ -102,189 +301,199 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> None:
     )
 
 
-def ready_times(
-    api: client.CustomObjectsApi, plural: str, names: set[str], start: float, deadline: float, op: Operator
-) -> dict[str, float]:
-    """Poll the list until every object is Ready at its current generation; seconds since start per object."""
-    done: dict[str, float] = {}
-    while len(done) < len(names) and time.monotonic() < deadline:
-        items = api.list_namespaced_custom_object(GROUP, VERSION, NS, plural)["items"]
-        now = time.monotonic()
-        for item in items:
-            name = item["metadata"]["name"]
-            if name in done or name not in names:
-                continue
-            status = item.get("status") or {}
-            ready = [
-                c for c in status.get("conditions") or [] if c["type"] == "Ready" and c["status"] == "True"
-            ]
-            if ready and status.get("observedGeneration") == item["metadata"]["generation"]:
-                done[name] = now - start
-        op.sample()
-        time.sleep(0.25)
-    return done
+def snapshot(api_client: client.ApiClient, pg: PostgresServer, rmq: RabbitMQServer) -> dict:
+    custom = client.CustomObjectsApi(api_client)
+    core = client.CoreV1Api(api_client)
+    rvs = {}
+    for plural in PLURALS.values():
+        for item in custom.list_namespaced_custom_object(GROUP, VERSION, NS, plural)["items"]:
+            rvs[f"{plural}/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+    for s in core.list_namespaced_secret(NS).items:
+        rvs[f"secret/{s.metadata.name}"] = s.metadata.resource_version
+    rvs["roles"] = pg.psql(
+        "SELECT md5(string_agg(rolname || rolpassword, ',' ORDER BY rolname)) FROM pg_authid"
+    )
+    rvs["users"] = json.dumps(rmq.api("GET", "/api/users"), sort_keys=True)
+    return rvs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--count", type=int, default=100)
-    parser.add_argument("--timeout", type=float, default=600, help="overall deadline in seconds")
+    parser.add_argument("--count", type=int, default=100, help="objects per burst")
+    parser.add_argument("--singles", type=int, default=10, help="single objects, one at a time")
+    parser.add_argument("--scale", type=int, default=1000, help="objects in the scale phase (0: skip)")
+    parser.add_argument("--timeout", type=float, default=900, help="overall deadline in seconds")
     args = parser.parse_args()
     overall = time.monotonic() + args.timeout
     base = Path(tempfile.mkdtemp(prefix="emporium-bench-"))
     base.chmod(0o755)
-    started = []
+    started, watches = [], []
     op = None
+    ok = True
     try:
         cp = ControlPlane(base / "kube").start()
         started.append(cp)
-        pg = PostgresServer(base / "postgres").start()
+        pg = PostgresServer(base / "postgres")
+        pg.process.argv = [
+            "max_connections=100" if a == "max_connections=300" else a for a in pg.process.argv
+        ]
+        pg.start()
         started.append(pg)
+        assert pg.psql("SHOW max_connections") == "100"
         rmq = RabbitMQServer(base / "rabbitmq").start()
         started.append(rmq)
         kc = cp.kubeconfig
         kubectl(kc, "apply", "--server-side", "-f", str(CRDS))
         kubectl(kc, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         kubectl(kc, "create", "namespace", NS)
-        kubectl(
-            kc,
-            "-n",
-            NS,
-            "create",
-            "secret",
-            "generic",
-            "pg-admin",
-            f"--from-literal=username={pg.superuser}",
-            f"--from-literal=password={pg.password}",
-        )
-        kubectl(
-            kc,
-            "-n",
-            NS,
-            "create",
-            "secret",
-            "generic",
-            "rabbit-admin",
-            f"--from-literal=username={rmq.admin_user}",
-            f"--from-literal=password={rmq.admin_password}",
-        )
-        base_docs = [
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "PostgresServer",
-                "metadata": {"name": "pg"},
-                "spec": {
+        for name, user, password in (
+            ("pg-admin", pg.superuser, pg.password),
+            ("rabbit-admin", rmq.admin_user, rmq.admin_password),
+        ):
+            kubectl(
+                kc,
+                "-n",
+                NS,
+                "create",
+                "secret",
+                "generic",
+                name,
+                f"--from-literal=username={user}",
+                f"--from-literal=password={password}",
+            )
+        api_client = config.new_client_from_config(str(kc))
+        api = client.CustomObjectsApi(api_client)
+        op = Operator(kc, base / "operator.log")
+        watches = {plural: ReadyWatch(api_client, plural, op) for plural in PLURALS.values()}
+        servers = [
+            body(
+                "PostgresServer",
+                "pg",
+                {
                     "host": pg.host,
                     "port": pg.port,
                     "sslMode": "disable",
                     "adminSecretRef": {"name": "pg-admin"},
                 },
-            },
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "RabbitServer",
-                "metadata": {"name": "rabbit"},
-                "spec": {
+            ),
+            body(
+                "RabbitServer",
+                "rabbit",
+                {
                     "managementUrl": rmq.management_url,
                     "amqpHost": rmq.host,
                     "amqpPort": rmq.amqp_port,
                     "adminSecretRef": {"name": "rabbit-admin"},
                 },
-            },
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "RabbitVhost",
-                "metadata": {"name": "bench"},
-                "spec": {"serverRef": {"name": "rabbit"}},
-            },
+            ),
         ]
-        kubectl(kc, "-n", NS, "apply", "-f", "-", stdin=yaml.safe_dump_all(base_docs))
-        api = client.CustomObjectsApi(config.new_client_from_config(str(kc)))
-        op = Operator(kc, base / "operator.log")
+        for doc in servers:
+            api.create_namespaced_custom_object(GROUP, VERSION, NS, doc["kind"].lower() + "s", doc)
+        create_all(api, [body("RabbitVhost", "bench", {"serverRef": {"name": "rabbit"}})])
         op.start()
-        servers = ready_times(
-            api, "rabbitvhosts", {"bench"}, time.monotonic(), min(overall, time.monotonic() + 90), op
-        )
-        if not servers:
+        if not watches["rabbitvhosts"].wait(["bench"], min(overall, time.monotonic() + 90)):
             print("the vhost never became Ready; see", base / "operator.log")
             return 1
-
-        n = args.count
-        dbs = [
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "PostgresDatabase",
-                "metadata": {"name": f"db{i:03d}"},
-                "spec": {"serverRef": {"name": "pg"}},
-            }
-            for i in range(n)
-        ]
-        topos = [
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "RabbitTopology",
-                "metadata": {"name": f"svc{i:03d}"},
-                "spec": {
-                    "serverRef": {"name": "rabbit"},
-                    "vhost": "bench",
-                    "exchanges": [{"name": "emporium.events"}],
-                    "queues": [{"name": f"svc{i:03d}.events", "messageTtl": 60000}],
-                    "bindings": [
-                        {
-                            "source": "emporium.events",
-                            "destination": f"svc{i:03d}.events",
-                            "routingKey": f"svc{i:03d}.#",
-                        }
-                    ],
-                },
-            }
-            for i in range(n)
-        ]
-        results = {}
-        for kind, plural, docs in (
-            ("PostgresDatabase", "postgresdatabases", dbs),
-            ("RabbitTopology", "rabbittopologies", topos),
-        ):
-            start = time.monotonic()
-            kubectl(kc, "-n", NS, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
-            phase_deadline = min(overall, start + max(60.0, (overall - start) / 3))
-            done = ready_times(api, plural, {d["metadata"]["name"] for d in docs}, start, phase_deadline, op)
-            results[kind] = done
-            print(
-                f"{kind}: {len(done)}/{n} Ready; apply->Ready p50 {percentile(list(done.values()), 50):.2f}s "
-                f"p99 {percentile(list(done.values()), 99):.2f}s; "
-                f"all within {max(done.values(), default=0):.2f}s",
-                flush=True,
-            )
-
-        # Restart: stop the operator, change every object, start it again, wait for all to converge.
-        op.stop()
-        for d in dbs:
-            d["spec"]["extensions"] = ["citext"]
-        for t in topos:
-            t["spec"]["queues"][0]["messageTtl"] = 30000
-        kubectl(kc, "-n", NS, "apply", "-f", "-", stdin=yaml.safe_dump_all(dbs + topos))
-        start = time.monotonic()
-        op.start()
-        deadline = min(overall, start + 180)
-        done_db = ready_times(
-            api, "postgresdatabases", {d["metadata"]["name"] for d in dbs}, start, deadline, op
-        )
-        done_t = ready_times(
-            api, "rabbittopologies", {t["metadata"]["name"] for t in topos}, start, deadline, op
-        )
-        total = max([*done_db.values(), *done_t.values()], default=float("nan"))
         print(
-            f"restart: {len(done_db) + len(done_t)}/{2 * n} objects converged after restart in {total:.2f}s",
+            f"# operator vs floor, one run, {time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.1f}"
+        )
+
+        # single objects, one at a time
+        for kind, plural, spec_of, prefix in (
+            ("PostgresDatabase", "postgresdatabases", db_spec, "single_db"),
+            ("RabbitTopology", "rabbittopologies", topo_spec, "single-topo"),
+        ):
+            lat = []
+            for i in range(args.singles):
+                name = f"{prefix}{i:02d}"
+                starts = create_all(api, [body(kind, name, spec_of(name))], workers=1)
+                ready = watches[plural].wait([name], min(overall, time.monotonic() + 30))
+                lat += latencies(starts, ready)
+            ok &= len(lat) == args.singles
+            print(f"single {kind}: apply->Ready (watch) {summary(lat)}", flush=True)
+
+        # bursts
+        n = args.count
+        burst = {}
+        for kind, plural, spec_of, prefix in (
+            ("PostgresDatabase", "postgresdatabases", db_spec, "burst_db"),
+            ("RabbitTopology", "rabbittopologies", topo_spec, "burst-topo"),
+        ):
+            docs = [body(kind, f"{prefix}{i:03d}", spec_of(f"{prefix}{i:03d}")) for i in range(n)]
+            starts = create_all(api, docs)
+            ready = watches[plural].wait(list(starts), min(overall, time.monotonic() + 180))
+            lat = latencies(starts, ready)
+            burst[kind] = lat
+            ok &= len(lat) == n
+            print(f"burst {n} {kind}: operator {summary(lat)}, {in_order(starts, ready)}", flush=True)
+
+        # the floor, in the same run
+        pg_lat = asyncio.run(pg_floor(pg, [f"floor_db{i:03d}" for i in range(n)]))
+        rb_lat = asyncio.run(rabbit_floor(rmq, [f"floor-topo{i:03d}" for i in range(n)], "floor"))
+        for kind, floor in (("PostgresDatabase", pg_lat), ("RabbitTopology", rb_lat)):
+            ratio = percentile(burst[kind], 99) / percentile(floor, 99)
+            print(f"floor {n} {kind}: {summary(floor)}; operator p99 / floor p99 = {ratio:.2f}", flush=True)
+
+        # a vhost and a topology together
+        lat = []
+        for i in range(3):
+            vhost = f"together{i}"
+            starts = create_all(
+                api,
+                [
+                    body("RabbitVhost", vhost, {"serverRef": {"name": "rabbit"}}),
+                    body("RabbitTopology", f"{vhost}-topo", topo_spec(f"{vhost}-topo", vhost)),
+                ],
+                workers=2,
+            )
+            ready = watches["rabbittopologies"].wait([f"{vhost}-topo"], min(overall, time.monotonic() + 60))
+            lat += [ready[f"{vhost}-topo"] - starts[f"{vhost}-topo"]] if ready else []
+        print(f"RabbitVhost + RabbitTopology together: topology Ready {summary(lat)}", flush=True)
+
+        # restart with everything Ready: serving again, and no writes
+        op.stop()
+        before = snapshot(api_client, pg, rmq)
+        t0 = op.start()
+        while not op.serving() and time.monotonic() - t0 < 60:
+            time.sleep(0.02)
+        serving = time.monotonic() - t0
+        time.sleep(10)
+        after = snapshot(api_client, pg, rmq)
+        changed = sorted(k for k in before if before[k] != after.get(k))
+        total = sum(1 for k in before if "/" in k and not k.startswith("secret/"))
+        print(
+            f"restart with {total} Ready objects: serving after {serving:.2f}s; writes within 10 s: "
+            f"{len(changed)} {changed[:5]}",
             flush=True,
         )
+        ok &= not changed
+
+        # scale: many objects against max_connections=100
+        if args.scale:
+            docs = [
+                body("PostgresDatabase", f"scale{i:04d}", db_spec(f"scale{i:04d}")) for i in range(args.scale)
+            ]
+            t0 = time.monotonic()
+            starts = create_all(api, docs)
+            ready = watches["postgresdatabases"].wait(list(starts), min(overall, time.monotonic() + 600))
+            lat = latencies(starts, ready)
+            op.sample()
+            print(
+                f"scale {args.scale} PostgresDatabase (max_connections=100): {len(lat)}/{args.scale} Ready "
+                "in "
+                f"{time.monotonic() - t0:.1f}s, {summary(lat)}; operator RSS now {op.rss_mib():.0f} MiB, "
+                f"peak {op.peak_kb / 1024:.0f} MiB",
+                flush=True,
+            )
+            ok &= len(lat) == args.scale
         op.sample()
         print(f"operator peak memory (VmHWM): {op.peak_kb / 1024:.1f} MiB", flush=True)
-        ok = all(len(v) == n for v in results.values()) and len(done_db) + len(done_t) == 2 * n
         return 0 if ok else 1
     finally:
+        for w in watches.values() if isinstance(watches, dict) else []:
+            w.stop()
         if op:
             op.stop()
         for server in reversed(started):

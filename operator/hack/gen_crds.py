@@ -43,14 +43,51 @@ def immutable(message: str) -> list[dict]:
 NAME_RE = r"^[^\x00]+$"
 
 SERVER_REF = obj(
-    "Reference to the server object (same namespace). Immutable.",
-    {"name": s("Name of the server object.", minLength=1, maxLength=253)},
+    "Reference to the server object. Immutable. A server in another namespace must allow this object's "
+    "namespace (its spec.allowedNamespaces), so tenants never need a copy of the admin Secret.",
+    {
+        "name": s("Name of the server object.", minLength=1, maxLength=253),
+        "namespace": s(
+            "Namespace of the server object; default: this object's namespace.", minLength=1, maxLength=63
+        ),
+    },
     ["name"],
     **{"x-kubernetes-validations": immutable("serverRef is immutable")},
 )
 
+ALLOWED_NAMESPACES = obj(
+    "Which other namespaces may refer to this server (its own namespace always may), as Gateway API's "
+    "allowedRoutes and CloudNativePG do: a list of names and/or a label selector on namespaces.",
+    {
+        "names": arr("Namespace names.", s("A namespace.", minLength=1, maxLength=63), maxItems=256),
+        "selector": obj(
+            "A label selector on namespaces.",
+            {
+                "matchLabels": {
+                    "type": "object",
+                    "description": "Labels a namespace must have.",
+                    "additionalProperties": {"type": "string"},
+                },
+                "matchExpressions": arr(
+                    "Label expressions.",
+                    obj(
+                        "An expression.",
+                        {
+                            "key": s("Label key."),
+                            "operator": s("Operator.", enum=["In", "NotIn", "Exists", "DoesNotExist"]),
+                            "values": arr("Values.", s("A value.")),
+                        },
+                        ["key", "operator"],
+                    ),
+                ),
+            },
+        ),
+    },
+)
+
 SECRET_REF = obj(
-    "Secret (same namespace) holding the administrator credentials.",
+    "Secret in the server object's namespace holding the administrator credentials (only the operator reads "
+    "it; objects in other namespaces never see it).",
     {
         "name": s("Secret name.", minLength=1, maxLength=253),
         "usernameKey": s("Key of the user name.", default="username"),
@@ -73,7 +110,10 @@ CONDITIONS = arr(
         {
             "type": s("Condition type: Ready, Conflict, DeletionBlocked."),
             "status": s("True, False or Unknown.", enum=["True", "False", "Unknown"]),
-            "reason": s("One-word reason (e.g. Provisioned, ServerUnreachable, InvalidSpec, Conflict)."),
+            "reason": s(
+                "One-word reason (e.g. Provisioned, ServerUnreachable, InvalidSpec, Conflict, Forbidden, "
+                "TypeMismatch, NamespaceNotAllowed)."
+            ),
             "message": s("What happened and what to do about it."),
             "lastTransitionTime": s("When the status last changed.", format="date-time"),
             "observedGeneration": i("The generation the condition was computed for.", format="int64"),
@@ -187,6 +227,7 @@ postgres_server = crd(
             ),
             "adminDatabase": s("Database the operator connects to for administration.", default="postgres"),
             "adminSecretRef": SECRET_REF,
+            "allowedNamespaces": ALLOWED_NAMESPACES,
         },
         ["host", "adminSecretRef"],
     ),
@@ -225,13 +266,24 @@ postgres_database = crd(
             ),
             "owner": s(
                 "Login role that owns the database and its public schema; default <databaseName>_owner. "
-                "Immutable.",
+                "Immutable. Never postgres, pg_*, the server's admin user or a role the operator did not "
+                "create for this object (Ready=False, reason Forbidden).",
                 minLength=1,
                 maxLength=63,
-                **{"x-kubernetes-validations": immutable("owner is immutable")},
+                **{
+                    "x-kubernetes-validations": [
+                        *immutable("owner is immutable"),
+                        {
+                            "rule": "self != 'postgres' && self != 'public' && !self.startsWith('pg_')",
+                            "message": "owner must not be postgres, public or pg_* (reserved roles)",
+                        },
+                    ]
+                },
             ),
             "extensions": arr(
-                "Extensions to install (CREATE EXTENSION IF NOT EXISTS); removing one does not drop it.",
+                "Extensions to install (CREATE EXTENSION IF NOT EXISTS); one removed from the list is "
+                "dropped (DROP EXTENSION, no CASCADE: while objects depend on it, Ready is False with "
+                "InvalidSpec).",
                 s("Extension name.", minLength=1, maxLength=63),
                 maxItems=32,
                 **{"x-kubernetes-list-type": "set"},
@@ -239,7 +291,8 @@ postgres_database = crd(
             "reclaimPolicy": RECLAIM,
             "secretName": s(
                 "Name of the connection Secret (keys uri, DATABASE_URL, host, port, dbname, username, "
-                "password); default <name>-db.",
+                "password, and servicebinding.io's type, provider, database plus jdbc-uri and pgpass; "
+                "annotation emporium.dev/credentials-hash); default <name>-db.",
                 minLength=1,
                 maxLength=253,
             ),
@@ -266,6 +319,9 @@ postgres_database = crd(
         "server": s("The PostgresServer."),
         "rotationTrigger": s("The passwordRotation.trigger last applied."),
         "passwordRotatedAt": s("When the password was last set.", format="date-time"),
+        "extensions": arr(
+            "Extensions the operator installed (dropped when removed from the spec).", s("Name.")
+        ),
     },
     [
         {"name": "Server", "type": "string", "jsonPath": ".spec.serverRef.name"},
@@ -296,6 +352,7 @@ rabbit_server = crd(
                 {"insecureSkipVerify": b("Do not verify the server certificate.", default=False)},
             ),
             "adminSecretRef": SECRET_REF,
+            "allowedNamespaces": ALLOWED_NAMESPACES,
         },
         ["managementUrl", "amqpHost", "adminSecretRef"],
     ),
@@ -319,10 +376,16 @@ rabbit_vhost = crd(
         {
             "serverRef": SERVER_REF,
             "name": s(
-                "Vhost name; defaults to metadata.name. Immutable.",
+                "Vhost name; defaults to metadata.name. Immutable. A vhost the operator did not create for "
+                "this object (e.g. /) is never touched (reason Forbidden).",
                 minLength=1,
                 maxLength=255,
-                **{"x-kubernetes-validations": immutable("name is immutable")},
+                **{
+                    "x-kubernetes-validations": [
+                        *immutable("name is immutable"),
+                        {"rule": "self != '/'", "message": "name must not be / (the default vhost)"},
+                    ]
+                },
             ),
             "reclaimPolicy": RECLAIM,
         },
@@ -356,10 +419,18 @@ EXCHANGE = obj(
                 ]
             },
         ),
-        "type": s("Exchange type.", enum=["direct", "fanout", "topic", "headers"], default="topic"),
-        "durable": b("Survives a broker restart.", default=True),
+        "type": s(
+            "Exchange type. Immutable.", enum=["direct", "fanout", "topic", "headers"], default="topic"
+        ),
+        "durable": b("Survives a broker restart. Immutable.", default=True),
     },
     ["name"],
+    **{
+        "x-kubernetes-validations": [
+            {"rule": "self.type == oldSelf.type", "message": "an exchange's type is immutable"},
+            {"rule": "self.durable == oldSelf.durable", "message": "an exchange's durable is immutable"},
+        ]
+    },
 )
 DEAD_LETTER_Q = obj(
     "Dead-lettering of this queue (goes into the queue's policy, so it can change).",
@@ -382,8 +453,8 @@ QUEUE = obj(
                 ]
             },
         ),
-        "type": s("Queue type.", enum=["quorum", "classic"], default="quorum"),
-        "durable": b("Survives a broker restart (quorum queues must be durable).", default=True),
+        "type": s("Queue type. Immutable.", enum=["quorum", "classic"], default="quorum"),
+        "durable": b("Survives a broker restart (quorum queues must be durable). Immutable.", default=True),
         "deadLetter": DEAD_LETTER_Q,
         "messageTtl": {**i("Message TTL in milliseconds.", minimum=0), "nullable": True},
         "maxLength": {**i("Maximum number of messages.", minimum=0), "nullable": True},
@@ -406,7 +477,9 @@ QUEUE = obj(
             {
                 "rule": "!has(self.type) || self.type != 'quorum' || !has(self.durable) || self.durable",
                 "message": "quorum queues must be durable",
-            }
+            },
+            {"rule": "self.type == oldSelf.type", "message": "a queue's type is immutable"},
+            {"rule": "self.durable == oldSelf.durable", "message": "a queue's durable is immutable"},
         ]
     },
 )
@@ -450,18 +523,26 @@ rabbit_topology = crd(
                 default="Retain",
             ),
             "secretName": s(
-                "Connection Secret name (keys uri, AMQP_URL, host, port, vhost, username, password); "
-                "default <name>-amqp.",
+                "Connection Secret name (keys uri, AMQP_URL, host, port, vhost, username, password, and "
+                "servicebinding.io's type, provider, virtual-host; annotation "
+                "emporium.dev/credentials-hash); default <name>-amqp.",
                 minLength=1,
                 maxLength=253,
             ),
+            "passwordRotation": ROTATION,
             "user": obj(
                 "The service's broker user.",
                 {
                     "name": s(
-                        "User name; default metadata.name. Immutable.",
+                        "User name; default metadata.name. Immutable. Never the broker's admin user, a user "
+                        "with tags or one the operator did not create for this object (reason Forbidden).",
                         **ENTITY_NAME,
-                        **{"x-kubernetes-validations": immutable("user.name is immutable")},
+                        **{
+                            "x-kubernetes-validations": [
+                                *immutable("user.name is immutable"),
+                                {"rule": "self != 'guest'", "message": "user.name must not be guest"},
+                            ]
+                        },
                     ),
                     "permissions": PERMS,
                 },
@@ -502,6 +583,8 @@ rabbit_topology = crd(
         "queues": i("Queues declared."),
         "bindings": i("Bindings declared."),
         "retainedQueues": arr("Queues removed from the spec but kept (Retain, or not empty).", s("Queue.")),
+        "rotationTrigger": s("The passwordRotation.trigger last applied."),
+        "passwordRotatedAt": s("When the password was last set.", format="date-time"),
         "applied": obj(
             "What the operator declared (used for pruning).",
             {

@@ -70,7 +70,10 @@ def installed(control_plane, postgres, rabbitmq, helm, charts_dir, tmp_path_fact
     # Istio's and prometheus-operator's CRDs, as istio/base and kube-prometheus-stack install them
     for path in crd_schemas.third_party_crd_files():
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    # the operator chart: its CRDs (crds/), RBAC, Deployment, PodMonitor, NetworkPolicy
+    for name in (ns, gw_ns):
+        cluster.kubectl("create", "namespace", name)
+    # the operator chart: its CRDs (crds/), RBAC (a Role in each namespace it serves), Deployment,
+    # PodMonitor, NetworkPolicy
     operator_out = cluster.helm(
         "install",
         "emporium-operator",
@@ -80,10 +83,10 @@ def installed(control_plane, postgres, rabbitmq, helm, charts_dir, tmp_path_fact
         "--create-namespace",
         "--set",
         f"fullnameOverride=emporium-operator-{suffix}",
+        "--set-json",
+        f'namespaces=["{ns}"]',
     )
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    for name in (ns, gw_ns):
-        cluster.kubectl("create", "namespace", name)
     cluster.kubectl("label", "namespace", ns, "istio-injection=enabled")
 
     # the servers (what k8s/dev/servers.yaml declares on kind), here for the test bed's Postgres/RabbitMQ

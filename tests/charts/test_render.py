@@ -314,18 +314,20 @@ def test_operator_chart(render) -> None:
     crds = {crd["spec"]["names"]["kind"] for crd in by_kind["CustomResourceDefinition"]}
     assert {"PostgresServer", "PostgresDatabase", "RabbitServer", "RabbitVhost", "RabbitTopology"} <= crds
     (deployment,) = by_kind["Deployment"]
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2  # one active (the Lease), one standby
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:7] == [
+    assert container["command"] == [
         "kopf",
         "run",
         "-m",
         "emporium_operator.main",
-        "--all-namespaces",
         "--standalone",
+        "--namespace=emporium-system",
+        "--namespace=emporium",
         "--liveness=http://0.0.0.0:8080/healthz",
     ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EMPORIUM_LEASE_NAMESPACE"] == "emporium-system"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "healthz": 8080,
@@ -333,10 +335,9 @@ def test_operator_chart(render) -> None:
     }
     (monitor,) = by_kind["PodMonitor"]
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http-metrics"
-    (role,) = by_kind["ClusterRole"]
-    # exactly the rules operator/README.md lists
+    # exactly the rules operator/README.md lists: a Role per served namespace, the Lease, namespace labels
     readme = (CHARTS.parent / "operator" / "README.md").read_text()
-    block = readme.split("## RBAC", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    block = yaml.safe_load(readme.split("## RBAC", 1)[1].split("```yaml", 1)[1].split("```", 1)[0])
 
     def normalised(rules):
         return sorted(
@@ -344,9 +345,18 @@ def test_operator_chart(render) -> None:
             for r in rules
         )
 
-    assert normalised(role["rules"]) == normalised(yaml.safe_load(block)["rules"])
-    (binding,) = by_kind["ClusterRoleBinding"]
-    assert binding["subjects"][0]["namespace"] == "emporium-system"
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in by_kind["Role"]}
+    for ns in ("emporium-system", "emporium"):
+        assert normalised(roles[(ns, "emporium-operator")]["rules"]) == normalised(block["rules"])
+    assert normalised(roles[("emporium-system", "emporium-operator-leader")]["rules"]) == normalised(
+        block["leaseRules"]
+    )
+    (cluster_role,) = by_kind["ClusterRole"]
+    assert normalised(cluster_role["rules"]) == normalised(block["clusterRules"])
+    # Nothing cluster-wide touches Secrets.
+    assert not [r for r in cluster_role["rules"] if "secrets" in r["resources"]]
+    bindings = by_kind["RoleBinding"] + by_kind["ClusterRoleBinding"]
+    assert {b["subjects"][0]["namespace"] for b in bindings} == {"emporium-system"}
 
 
 def test_dashboards_are_sidecar_configmaps(render) -> None:

@@ -36,3 +36,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository $tag -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The namespaces the operator serves: its own first, then .Values.namespaces (a JSON list). */ -}}
+{{- define "emporium-operator.namespaces" -}}
+{{- $all := list .Release.Namespace -}}
+{{- range .Values.namespaces -}}
+{{- if not (has . $all) -}}
+{{- $all = append $all . -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $all -}}
+{{- end -}}

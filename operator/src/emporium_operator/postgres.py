@@ -5,7 +5,9 @@ and repairs drift; every step carries the name of the object it touches (for dri
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -14,7 +16,24 @@ from dataclasses import dataclass, field
 import asyncpg
 
 RESERVED_DATABASES = frozenset({"postgres", "template0", "template1"})
+RESERVED_ROLES = frozenset({"postgres", "public", "current_user", "session_user", "current_role"})
 MAX_IDENTIFIER = 63
+# Role attributes that make a role more than a database owner: never adopted, never touched.
+POWERFUL_ATTRIBUTES = {
+    "rolsuper": "SUPERUSER",
+    "rolcreaterole": "CREATEROLE",
+    "rolreplication": "REPLICATION",
+    "rolbypassrls": "BYPASSRLS",
+}
+
+
+def ownership_marker(owner_ref: str) -> str:
+    """The comment the operator puts on the roles and databases it creates (owner_ref: Kind ns/name)."""
+    return f"managed by emporium-operator for {owner_ref}"
+
+
+def reserved_role(role: str, admin_user: str) -> bool:
+    return role in RESERVED_ROLES or role.startswith("pg_") or role == admin_user
 
 
 class InvalidName(ValueError):
@@ -79,6 +98,11 @@ class DesiredDatabase:
     role: str
     password: str
     extensions: tuple[str, ...] = ()
+    marker: str = ""  # ownership_marker(...): the comment on the role and the database
+    drop_extensions: tuple[str, ...] = ()  # applied earlier, no longer in the spec
+    # The password comes from this object's own Secret: a role without a comment whose verifier matches
+    # it was made by an earlier version of the operator for this object (adopting it needs the password).
+    password_from_secret: bool = False
 
 
 @dataclass
@@ -93,6 +117,9 @@ class ObservedDatabase:
     schema_owner: str | None = None
     schema_acl: list[str] | None = None
     extensions: set[str] = field(default_factory=set)
+    role_comment: str | None = None
+    role_powers: list[str] = field(default_factory=list)  # SUPERUSER, CREATEROLE, ... the role has
+    database_comment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,21 +136,54 @@ def _public_entry(acl: list[str] | None) -> bool:
     return any(item.startswith("=") for item in acl)
 
 
+def takeover(observed: ObservedDatabase, desired: DesiredDatabase) -> str | None:
+    """Why applying desired would touch a role or database the operator does not own (None: it would not).
+
+    Ours means: created by the operator for this very object (the comment says so); a database without
+    a comment is ours when its owner is our role (the comment follows CREATE DATABASE, which cannot run in
+    the role's transaction)."""
+    if observed.role_exists:
+        if observed.role_powers:
+            return f"role {desired.role!r} exists with {', '.join(observed.role_powers)}; it is never managed"
+        legacy = (
+            observed.role_comment is None
+            and desired.password_from_secret
+            and scram_matches(observed.role_password, desired.password)
+        )
+        if observed.role_comment != desired.marker and not legacy:
+            return f"role {desired.role!r} exists and was not created by the operator for this object"
+    if observed.database_exists and observed.database_comment != desired.marker:
+        ours = observed.role_exists and observed.database_owner == desired.role
+        if observed.database_comment or not ours:
+            return f"database {desired.database!r} exists and was not created by the operator for this object"
+    return None
+
+
 def plan(observed: ObservedDatabase, desired: DesiredDatabase) -> list[Step]:
     role, db = quote_ident(desired.role), quote_ident(desired.database)
     steps: list[Step] = []
     verifier = quote_literal(scram_verifier(desired.password))
+    marker = quote_literal(desired.marker)
     if not observed.role_exists:
+        # One statement: the role never exists without its ownership comment.
         steps.append(
-            Step("role", f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {verifier}")
+            Step(
+                "role",
+                f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+                f"PASSWORD {verifier}; COMMENT ON ROLE {role} IS {marker}",
+            )
         )
     else:
+        if observed.role_comment != desired.marker:  # adopted from an earlier version: mark it
+            steps.append(Step("ownership", f"COMMENT ON ROLE {role} IS {marker}"))
         if not observed.role_can_login:
             steps.append(Step("role", f"ALTER ROLE {role} LOGIN"))
         if not observed.password_readable or not scram_matches(observed.role_password, desired.password):
             steps.append(Step("password", f"ALTER ROLE {role} PASSWORD {verifier}"))
     if not observed.database_exists:
         steps.append(Step("database", f"CREATE DATABASE {db} OWNER {role}"))
+    if not observed.database_exists or observed.database_comment != desired.marker:
+        steps.append(Step("ownership", f"COMMENT ON DATABASE {db} IS {marker}"))
     elif observed.database_owner != desired.role:
         steps.append(Step("owner", f"ALTER DATABASE {db} OWNER TO {role}"))
     if not observed.database_exists or _public_entry(observed.database_acl):
@@ -137,6 +197,12 @@ def plan(observed: ObservedDatabase, desired: DesiredDatabase) -> list[Step]:
         if ext not in installed:
             steps.append(
                 Step("extension", f"CREATE EXTENSION IF NOT EXISTS {quote_ident(ext)}", desired.database)
+            )
+    for ext in desired.drop_extensions:
+        if ext in installed and ext not in desired.extensions:
+            # No CASCADE: an extension that objects depend on stays, and the error says which.
+            steps.append(
+                Step("extension-removed", f"DROP EXTENSION IF EXISTS {quote_ident(ext)}", desired.database)
             )
     return steps
 
@@ -170,22 +236,82 @@ async def connect(
     )
 
 
+class ServerPool:
+    """One per server and credentials: an asyncpg pool on the admin database (reused by every reconcile)
+    and a semaphore bounding how many reconciles talk to the server at once."""
+
+    def __init__(self, server: ServerConn, concurrency: int):
+        self.server = server
+        self.limit = asyncio.Semaphore(concurrency)
+        self.size = concurrency
+        self._pool: asyncpg.Pool | None = None
+        self._creating = asyncio.Lock()
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._creating:
+                if self._pool is None:
+                    s = self.server
+                    self._pool = await asyncpg.create_pool(
+                        host=s.host,
+                        port=s.port,
+                        user=s.user,
+                        password=s.password,
+                        database=s.admin_database,
+                        ssl=s.sslmode,
+                        timeout=5,
+                        command_timeout=30,
+                        min_size=0,
+                        max_size=self.size,
+                        max_inactive_connection_lifetime=60,
+                        server_settings={"application_name": "emporium-operator"},
+                    )
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+CONCURRENCY = int(os.environ.get("EMPORIUM_POSTGRES_CONCURRENCY", "4"))
+_POOLS: dict[ServerConn, ServerPool] = {}
+
+
+async def pool_for(server: ServerConn) -> ServerPool:
+    pool = _POOLS.get(server)
+    if pool is None:
+        for old in [k for k in _POOLS if (k.host, k.port) == (server.host, server.port)]:
+            await _POOLS.pop(old).close()  # credentials or options changed
+        pool = _POOLS[server] = ServerPool(server, CONCURRENCY)
+    return pool
+
+
+def forget_pools() -> None:
+    _POOLS.clear()
+
+
+async def close_pools() -> None:
+    while _POOLS:
+        await _POOLS.popitem()[1].close()
+
+
 async def server_version(server: ServerConn) -> str:
-    conn = await connect(server)
-    try:
+    pool = await pool_for(server)
+    async with pool.limit, (await pool.pool()).acquire() as conn:
         return await conn.fetchval("SHOW server_version")
-    finally:
-        await conn.close()
 
 
 class _Connections:
-    """Connections by database name, opened on first use and reused for observing and applying."""
+    """The admin connection (from the pool) and, when needed, one to the target database."""
 
-    def __init__(self, server: ServerConn):
-        self.server = server
-        self.by_db: dict[str | None, asyncpg.Connection] = {}
+    def __init__(self, admin: asyncpg.Connection, server: ServerConn):
+        self.admin, self.server = admin, server
+        self.by_db: dict[str, asyncpg.Connection] = {}
 
     async def get(self, dbname: str | None = None) -> asyncpg.Connection:
+        if dbname is None:
+            return self.admin
         conn = self.by_db.get(dbname)
         if conn is None:
             conn = self.by_db[dbname] = await connect(self.server, dbname)
@@ -197,26 +323,48 @@ class _Connections:
         self.by_db.clear()
 
 
+@contextlib.asynccontextmanager
+async def _session(server: ServerConn):
+    pool = await pool_for(server)
+    async with pool.limit, (await pool.pool()).acquire() as admin:
+        conns = _Connections(admin, server)
+        try:
+            yield conns
+        finally:
+            await conns.close()
+
+
+_ROLE_COLUMNS = "rolsuper, rolcreaterole, rolreplication, rolbypassrls, shobj_description(oid, 'pg_authid')"
+
+
 async def _observe(conns: _Connections, desired: DesiredDatabase) -> ObservedDatabase:
     observed = ObservedDatabase()
     conn = await conns.get()
     try:
         row = await conn.fetchrow(
-            "SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = $1", desired.role
+            f"SELECT rolcanlogin, rolpassword, {_ROLE_COLUMNS} FROM pg_authid WHERE rolname = $1",  # noqa: S608
+            desired.role,
         )
     except asyncpg.InsufficientPrivilegeError:
         observed.password_readable = False
         row = await conn.fetchrow(
-            "SELECT rolcanlogin, NULL AS rolpassword FROM pg_roles WHERE rolname = $1", desired.role
+            f"SELECT rolcanlogin, NULL, {_ROLE_COLUMNS} FROM pg_roles WHERE rolname = $1",  # noqa: S608
+            desired.role,
         )
     if row:
         observed.role_exists, observed.role_can_login, observed.role_password = True, row[0], row[1]
+        observed.role_powers = [
+            label for label, value in zip(POWERFUL_ATTRIBUTES.values(), row[2:6], strict=True) if value
+        ]
+        observed.role_comment = row[6]
     row = await conn.fetchrow(
-        "SELECT pg_get_userbyid(datdba), datacl::text[] FROM pg_database WHERE datname = $1",
+        "SELECT pg_get_userbyid(datdba), datacl::text[], shobj_description(oid, 'pg_database') "
+        "FROM pg_database WHERE datname = $1",
         desired.database,
     )
     if row:
         observed.database_exists, observed.database_owner, observed.database_acl = True, row[0], row[1]
+        observed.database_comment = row[2]
     if observed.database_exists:
         conn = await conns.get(desired.database)
         row = await conn.fetchrow(
@@ -228,42 +376,39 @@ async def _observe(conns: _Connections, desired: DesiredDatabase) -> ObservedDat
     return observed
 
 
-async def observe(server: ServerConn, desired: DesiredDatabase) -> ObservedDatabase:
-    conns = _Connections(server)
-    try:
-        return await _observe(conns, desired)
-    finally:
-        await conns.close()
+class Forbidden(Exception):
+    """Applying the spec would take over a role or database the operator does not own."""
 
 
 async def ensure(server: ServerConn, desired: DesiredDatabase) -> list[Step]:
-    """Observe, plan and apply over at most two connections (admin database and the target database);
-    returns the steps that were needed (empty when nothing drifted)."""
-    conns = _Connections(server)
-    try:
-        steps = plan(await _observe(conns, desired), desired)
+    """Observe, plan and apply over the pooled admin connection and, when needed, one to the target
+    database; returns the steps that were needed (empty when nothing drifted). Raises Forbidden, having
+    changed nothing, when a role or database is not the operator's."""
+    async with _session(server) as conns:
+        observed = await _observe(conns, desired)
+        problem = takeover(observed, desired)
+        if problem:
+            raise Forbidden(problem)
+        steps = plan(observed, desired)
         for step in steps:
             await (await conns.get(step.dbname)).execute(step.sql)
         return steps
-    finally:
-        await conns.close()
 
 
 async def active_connections(server: ServerConn, database: str) -> int:
-    conn = await connect(server)
-    try:
-        return await conn.fetchval(
+    async with _session(server) as conns:
+        return await conns.admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", database
         )
-    finally:
-        await conn.close()
 
 
-async def drop(server: ServerConn, database: str, role: str) -> None:
-    """Drop the database, then the role (REASSIGN/DROP OWNED elsewhere is left to a person)."""
-    conn = await connect(server)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(database)}")
-        await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
-    finally:
-        await conn.close()
+async def drop(server: ServerConn, desired: DesiredDatabase) -> None:
+    """Drop the database, then the role (REASSIGN/DROP OWNED elsewhere is left to a person); only what the
+    operator created for this object (else Forbidden, nothing dropped)."""
+    async with _session(server) as conns:
+        problem = takeover(await _observe(conns, desired), desired)
+        if problem:
+            raise Forbidden(problem)
+        await conns.close()  # no connection of ours may stay in the database being dropped
+        await conns.admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(desired.database)}")
+        await conns.admin.execute(f"DROP ROLE IF EXISTS {quote_ident(desired.role)}")

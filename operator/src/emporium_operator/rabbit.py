@@ -5,6 +5,7 @@ escape its path segment (a vhost called "../" is just a vhost)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -21,6 +22,51 @@ POLICY_PRIORITY = 100
 # Statistics-free reads: the management stats DB lags behind (and on some versions crashes for a vhost
 # created a moment ago), while the operator needs only definitions and message totals.
 NO_STATS = {"disable_stats": "true"}
+
+
+def owner_tag(owner_ref: str) -> str:
+    """The tag the operator puts on the broker users it creates (owner_ref: namespace/name)."""
+    return f"emporium-operator:{owner_ref}"
+
+
+def vhost_description(owner_ref: str) -> str:
+    """The description (metadata) the operator puts on the vhosts it creates (owner_ref: namespace/name)."""
+    return f"managed by emporium-operator ({owner_ref})"
+
+
+VHOST_MARK = "managed by emporium-operator ("
+
+
+def user_tags(user: dict[str, Any]) -> list[str]:
+    tags = user.get("tags") or []
+    if isinstance(tags, str):
+        tags = tags.split(",")
+    return [t.strip() for t in tags if t.strip()]
+
+
+def user_takeover(
+    user: dict[str, Any] | None, name: str, tag: str, admin_user: str, known_password: str | None = None
+) -> str | None:
+    """Why writing broker user name would take over a user the operator does not own (None: it would not).
+
+    known_password: the password in this object's own Secret; a user without tags whose hash matches it was
+    made by an earlier version of the operator for this object (adopting it needs the password)."""
+    if name == admin_user:
+        return f"user {name!r} is the broker's admin user"
+    if user is None:
+        return None
+    tags = user_tags(user)
+    if not tags and known_password and password_matches(user.get("password_hash"), known_password):
+        return None
+    if tags != [tag]:
+        if [t for t in tags if not t.startswith("emporium-operator:")]:
+            return f"user {name!r} exists with tags {tags}; users with tags are never managed"
+        return f"user {name!r} exists and was not created by the operator for this object"
+    return None
+
+
+class Forbidden(Exception):
+    """Applying the spec would take over a broker user or vhost the operator does not own."""
 
 
 class RabbitError(Exception):
@@ -111,13 +157,14 @@ class DesiredTopology:
     exchanges: list[dict[str, Any]] = field(default_factory=list)
     queues: list[dict[str, Any]] = field(default_factory=list)
     bindings: list[dict[str, Any]] = field(default_factory=list)
+    tag: str = ""  # owner_tag(...): marks the user as the operator's, for this object
 
     @property
     def policies(self) -> dict[str, dict[str, Any]]:
         return {policy_name(qu["name"]): p for qu in self.queues if (p := queue_policy(qu))}
 
 
-def desired_topology(spec: dict[str, Any], name: str, password: str) -> DesiredTopology:
+def desired_topology(spec: dict[str, Any], name: str, password: str, tag: str = "") -> DesiredTopology:
     """Expand the RabbitTopology spec (including the deadLetter shorthand) into concrete entities."""
     exchanges = [dict(e) for e in spec.get("exchanges") or []]
     queues = [dict(x) for x in spec.get("queues") or []]
@@ -156,17 +203,31 @@ def desired_topology(spec: dict[str, Any], name: str, password: str) -> DesiredT
     perms = (spec.get("user") or {}).get("permissions") or default_permissions(
         [e["name"] for e in exchanges], [x["name"] for x in queues]
     )
-    return DesiredTopology(spec["vhost"], user, password, perms, exchanges, queues, unique)
+    return DesiredTopology(spec["vhost"], user, password, perms, exchanges, queues, unique, tag=tag)
 
 
 # --- HTTP client ---------------------------------------------------------------------------------
 
 
 class RabbitAdmin:
-    def __init__(self, url: str, user: str, password: str, timeout: float = 10, verify: bool = True):
+    def __init__(
+        self,
+        url: str,
+        user: str,
+        password: str,
+        timeout: float = 10,
+        verify: bool = True,
+        concurrency: int = 4,
+    ):
         self.client = httpx.AsyncClient(
-            base_url=url.rstrip("/") + "/api", auth=(user, password), timeout=timeout, verify=verify
+            base_url=url.rstrip("/") + "/api",
+            auth=(user, password),
+            timeout=timeout,
+            verify=verify,
+            limits=httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2),
         )
+        # How many reconciles talk to this broker at once (the management API serialises much of it).
+        self.limit = asyncio.Semaphore(concurrency)
 
     async def __aenter__(self) -> RabbitAdmin:
         return self
@@ -193,7 +254,7 @@ class RabbitAdmin:
     async def get_vhost(self, vhost: str) -> dict | None:
         return await self._call("GET", f"/vhosts/{q(vhost)}", params=NO_STATS, missing_ok=True)
 
-    async def put_vhost(self, vhost: str, description: str = "") -> None:
+    async def put_vhost(self, vhost: str, description: str) -> None:
         await self._call("PUT", f"/vhosts/{q(vhost)}", {"description": description})
 
     async def delete_vhost(self, vhost: str) -> None:
@@ -202,14 +263,14 @@ class RabbitAdmin:
     async def get_user(self, user: str) -> dict | None:
         return await self._call("GET", f"/users/{q(user)}", missing_ok=True)
 
-    async def put_user(self, user: str, password: str) -> None:
+    async def put_user(self, user: str, password: str, tag: str) -> None:
         await self._call(
             "PUT",
             f"/users/{q(user)}",
             {
                 "password_hash": password_hash(password),
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": "",
+                "tags": tag,
             },
         )
 
@@ -290,6 +351,14 @@ class RabbitAdmin:
             missing_ok=True,
         )
 
+    async def get_definitions(self, vhost: str) -> dict[str, Any]:
+        """Exchanges, queues, bindings and policies of a vhost in one call."""
+        return await self._call("GET", f"/definitions/{q(vhost)}")
+
+    async def post_definitions(self, vhost: str, definitions: dict[str, Any]) -> None:
+        """Declare exchanges, queues, bindings and policies of a vhost in one call (upsert)."""
+        await self._call("POST", f"/definitions/{q(vhost)}", definitions)
+
     async def list_policies(self, vhost: str) -> list[dict]:
         return await self._call("GET", f"/policies/{q(vhost)}")
 
@@ -308,7 +377,11 @@ def observed_binding_key(b: dict[str, Any]) -> tuple[str, str, str, str]:
 class TopologyResult:
     repairs: list[str] = field(default_factory=list)  # object labels of what had to be (re)created
     retained: list[str] = field(default_factory=list)  # pruned queues kept (reclaimPolicy Retain / not empty)
-    warnings: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)  # type/durability on the broker differs from the spec
+
+
+def _queue_type(x: dict[str, Any]) -> str:
+    return (x.get("arguments") or {}).get("x-queue-type") or x.get("type") or "classic"
 
 
 async def ensure_topology(
@@ -317,69 +390,115 @@ async def ensure_topology(
     previous: dict[str, list],
     allow_queue_delete: bool,
     shared_exchanges: frozenset[str] = frozenset(),
+    admin_user: str = "",
+    known_password: bool = False,
 ) -> TopologyResult:
-    """Observe the vhost once per entity type, create what is missing, prune what the previous spec had."""
+    """Observe the vhost's definitions in one call, declare everything missing in one more, prune what the
+    previous spec had. Raises Forbidden (nothing changed) when the broker user is not the operator's."""
     res = TopologyResult()
     vh = want.vhost
     user = await api.get_user(want.user)
-    if user is None or not password_matches(user.get("password_hash"), want.password):
-        await api.put_user(want.user, want.password)
-        res.repairs.append("user" if user is None else "password")
+    problem = user_takeover(user, want.user, want.tag, admin_user, want.password if known_password else None)
+    if problem:
+        raise Forbidden(problem)
+    if user is None or user_tags(user) != [want.tag]:
+        await api.put_user(want.user, want.password, want.tag)
+        res.repairs.append("user" if user is None else "ownership")
+    elif not password_matches(user.get("password_hash"), want.password):
+        await api.put_user(want.user, want.password, want.tag)
+        res.repairs.append("password")
     perms = await api.get_permissions(vh, want.user)
     if not perms or any(perms.get(k) != want.permissions[k] for k in ("configure", "write", "read")):
         await api.put_permissions(vh, want.user, want.permissions)
         res.repairs.append("permission")
 
-    exchanges = {e["name"]: e for e in await api.list_exchanges(vh)}
+    have = await api.get_definitions(vh)
+    exchanges = {e["name"]: e for e in have.get("exchanges") or []}
+    queues = {x["name"]: x for x in have.get("queues") or []}
+    policies = {p["name"]: p for p in have.get("policies") or []}
+    bindings = {observed_binding_key(b) for b in have.get("bindings") or [] if b.get("source")}
+    declare: dict[str, list] = {"exchanges": [], "queues": [], "bindings": [], "policies": []}
     for e in want.exchanges:
-        have = exchanges.get(e["name"])
-        if have is None:
-            await api.put_exchange(vh, e)
-            res.repairs.append("exchange")
-        elif have.get("type") != e["type"] or bool(have.get("durable")) != bool(e["durable"]):
-            res.warnings.append(
-                f"exchange {e['name']!r} exists with type={have.get('type')} "
-                f"durable={have.get('durable')}; delete it to change these"
+        found = exchanges.get(e["name"])
+        if found is None:
+            declare["exchanges"].append(
+                {
+                    "name": e["name"],
+                    "type": e["type"],
+                    "durable": e["durable"],
+                    "auto_delete": False,
+                    "internal": False,
+                    "arguments": {},
+                }
             )
-    queues = {x["name"]: x for x in await api.list_queues(vh)}
+            res.repairs.append("exchange")
+        elif found.get("type") != e["type"] or bool(found.get("durable")) != bool(e["durable"]):
+            res.mismatches.append(
+                f"exchange {e['name']!r} exists with type={found.get('type')} "
+                f"durable={found.get('durable')}, "
+                f"the spec says type={e['type']} durable={e['durable']}; delete it on the broker to change it"
+            )
     for x in want.queues:
-        have = queues.get(x["name"])
-        if have is None:
-            await api.put_queue(vh, x)
+        found = queues.get(x["name"])
+        if found is None:
+            declare["queues"].append(
+                {
+                    "name": x["name"],
+                    "durable": x["durable"],
+                    "auto_delete": False,
+                    "arguments": {"x-queue-type": x["type"]},
+                }
+            )
             res.repairs.append("queue")
-        elif have.get("type") != x["type"]:
-            res.warnings.append(f"queue {x['name']!r} exists as {have.get('type')}, spec says {x['type']}")
-    policies = {p["name"]: p for p in await api.list_policies(vh)}
+        elif _queue_type(found) != x["type"] or bool(found.get("durable")) != bool(x["durable"]):
+            res.mismatches.append(
+                f"queue {x['name']!r} exists as type={_queue_type(found)} durable={found.get('durable')}, "
+                f"the spec says type={x['type']} durable={x['durable']}; delete it on the broker to change it"
+            )
     for name, pol in want.policies.items():
-        have = policies.get(name)
-        if have is None or any(
-            have.get(k) != pol[k] for k in ("pattern", "apply-to", "priority", "definition")
+        found = policies.get(name)
+        if found is None or any(
+            found.get(k) != pol[k] for k in ("pattern", "apply-to", "priority", "definition")
         ):
-            await api.put_policy(vh, name, pol)
+            declare["policies"].append({"name": name, **pol})
             res.repairs.append("policy")
-    bindings = {observed_binding_key(b): b for b in await api.list_bindings(vh) if b.get("source")}
+    mismatched = {m.split("'")[1] for m in res.mismatches}
     for b in want.bindings:
-        if binding_key(b) not in bindings:
-            await api.post_binding(vh, b)
+        if binding_key(b) not in bindings and b["destination"] not in mismatched:
+            declare["bindings"].append(
+                {
+                    "source": b["source"],
+                    "destination": b["destination"],
+                    "destination_type": b["destinationType"],
+                    "routing_key": b["routingKey"],
+                    "arguments": {},
+                }
+            )
             res.repairs.append("binding")
+    if any(declare.values()):
+        await api.post_definitions(vh, {k: v for k, v in declare.items() if v})
 
-    # Pruning of what an earlier spec declared and this one does not.
+    # Pruning of what an earlier spec declared and this one does not (rare: one listing per type).
     want_bindings = {binding_key(b) for b in want.bindings}
-    for b in previous.get("bindings", []):
-        key = binding_key(b)
-        if key not in want_bindings and key in bindings:
-            await api.delete_binding(vh, b, bindings[key]["properties_key"])
+    gone = [b for b in previous.get("bindings", []) if binding_key(b) not in want_bindings]
+    if gone:
+        listed = {observed_binding_key(b): b for b in await api.list_bindings(vh) if b.get("source")}
+        for b in gone:
+            found = listed.get(binding_key(b))
+            if found:
+                await api.delete_binding(vh, b, found["properties_key"])
     for name in previous.get("policies", []):
-        if name not in want.policies:
+        if name not in want.policies and name in policies:
             await api.delete_policy(vh, name)
     want_queues = {x["name"] for x in want.queues}
-    for name in previous.get("queues", []):
-        if name in want_queues or name not in queues:
-            continue
-        if allow_queue_delete and not queues[name].get("messages"):
-            await api.delete_queue(vh, name)
-        else:
-            res.retained.append(name)
+    pruned = [n for n in previous.get("queues", []) if n not in want_queues and n in queues]
+    if pruned:
+        counts = {x["name"]: x.get("messages") for x in await api.list_queues(vh)}
+        for name in pruned:
+            if allow_queue_delete and not counts.get(name):
+                await api.delete_queue(vh, name)
+            else:
+                res.retained.append(name)
     want_exchanges = {e["name"] for e in want.exchanges}
     for name in previous.get("exchanges", []):
         if name not in want_exchanges and name in exchanges and name not in shared_exchanges:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import secrets as _random
 from typing import Any
@@ -67,7 +68,37 @@ def owner_reference(body: Any) -> dict[str, Any]:
     }
 
 
-def secret_manifest(name: str, namespace: str, owner: Any, data: dict[str, str]) -> dict[str, Any]:
+def jdbc_uri(user: str, password: str, host: str, port: int, dbname: str, sslmode: str | None = None) -> str:
+    """CloudNativePG's form: credentials as query parameters."""
+    uri = (
+        f"jdbc:postgresql://{_host(host)}:{port}/{quote(dbname, safe='')}"
+        f"?user={quote(user, safe='')}&password={quote(password, safe='')}"
+    )
+    if sslmode and sslmode not in ("prefer", "disable"):
+        uri += f"&sslmode={quote(sslmode, safe='')}"
+    return uri
+
+
+def pgpass(user: str, password: str, host: str, port: int, dbname: str) -> str:
+    """One ~/.pgpass line (':' and '\\' escaped)."""
+
+    def esc(value: str) -> str:
+        return value.replace("\\", "\\\\").replace(":", "\\:")
+
+    return f"{esc(host)}:{port}:{esc(dbname)}:{esc(user)}:{esc(password)}\n"
+
+
+def credentials_hash(data: dict[str, str]) -> str:
+    """A stable digest of a Secret's data: workloads put it in a pod annotation to roll on a change."""
+    digest = hashlib.sha256()
+    for key in sorted(data):
+        digest.update(key.encode() + b"\x00" + data[key].encode() + b"\x00")
+    return digest.hexdigest()[:32]
+
+
+def secret_manifest(
+    name: str, namespace: str, owner: Any, data: dict[str, str], annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A v1 Secret (type Opaque) with the managed label and an owner reference to the custom resource."""
     return {
         "apiVersion": "v1",
@@ -75,6 +106,7 @@ def secret_manifest(name: str, namespace: str, owner: Any, data: dict[str, str])
         "metadata": {
             "name": name,
             "namespace": namespace,
+            "annotations": dict(annotations or {}),
             "labels": {
                 MANAGED_LABEL: "true",
                 MANAGED_BY: OPERATOR_NAME,

@@ -165,6 +165,11 @@ async def wait_gone(kube: Kube, ns: str, kind: str, name: str, within: float = 3
     await wait_for(lambda: kube.get(ns, kind, name) is None, within, f"{kind}/{name} deleted")
 
 
+def events(kube: Kube, ns: str, name: str, reason: str, type_: str = "Warning") -> list:
+    found = kube.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+    return [e for e in found if e.reason == reason and e.type == type_]
+
+
 @pytest.fixture(scope="session")
 def kube(control_plane) -> Iterator[Kube]:
     k = Kube(control_plane.kubeconfig)
@@ -222,15 +227,22 @@ def setup_servers(kube: Kube, ns: str, postgres, rabbitmq) -> None:
     )
 
 
-def runner_args(ns: str, liveness_port: int | None = None) -> list[str]:
-    args = ["run", "-m", "emporium_operator.main", "--namespace", ns, "--standalone"]
+def unique(prefix: str) -> str:
+    """A name no other test uses (tests never depend on objects another test left)."""
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def runner_args(ns: str | list[str], liveness_port: int | None = None) -> list[str]:
+    args = ["run", "-m", "emporium_operator.main", "--standalone"]
+    for namespace in [ns] if isinstance(ns, str) else ns:
+        args.append(f"--namespace={namespace}")
     if liveness_port:
         args.append(f"--liveness=http://127.0.0.1:{liveness_port}/healthz")
     return args
 
 
 @contextlib.contextmanager
-def operator(ns: str, liveness_port: int | None = None) -> Iterator[KopfRunner]:
+def operator(ns: str | list[str], liveness_port: int | None = None) -> Iterator[KopfRunner]:
     with KopfRunner(runner_args(ns, liveness_port), timeout=60) as runner:
         yield runner
 
@@ -250,7 +262,9 @@ Kube.wait_for = staticmethod(wait_for)
 Kube.wait_ready = wait_ready
 Kube.wait_reason = wait_reason
 Kube.wait_gone = wait_gone
+Kube.events = events
 Kube.new_namespace = new_namespace
+Kube.unique = staticmethod(unique)
 Kube.operator = staticmethod(operator)
 Kube.metrics_port = METRICS_PORT
 Kube.free_port = staticmethod(_free_port)

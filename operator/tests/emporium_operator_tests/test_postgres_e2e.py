@@ -1,4 +1,5 @@
-"""PostgresServer and PostgresDatabase through the real operator (KopfRunner), API server and Postgres."""
+"""PostgresServer and PostgresDatabase through the real operator (KopfRunner), API server and Postgres.
+Each test makes the objects it needs (names unique per test)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,28 @@ import httpx
 import pytest
 
 PG_DB = "PostgresDatabase"
+
+
+@pytest.fixture
+def make_db(kube, env):
+    """Create a PostgresDatabase with a unique name (and database) and wait until it is Ready."""
+
+    async def make(prefix: str = "db", **spec) -> tuple[str, dict]:
+        name = kube.unique(prefix)
+        spec.setdefault("databaseName", name.replace("-", "_"))
+        kube.create(env["ns"], PG_DB, name, {"serverRef": {"name": "pg"}, **spec})
+        return name, await kube.wait_ready(env["ns"], PG_DB, name)
+
+    return make
+
+
+async def connects(uri: str) -> bool:
+    try:
+        conn = await asyncpg.connect(uri)
+    except asyncpg.InvalidPasswordError:
+        return False
+    await conn.close()
+    return True
 
 
 async def test_server_ready_liveness_and_metrics(kube, env):
@@ -26,81 +49,91 @@ async def test_server_ready_liveness_and_metrics(kube, env):
     assert "VERSION" in out and "READY" in out and "REASON" in out
 
 
-async def test_database_secret_connects_with_exactly_its_rights(kube, env, postgres):
+async def test_database_secret_connects_with_exactly_its_rights(kube, env, postgres, make_db):
     ns = env["ns"]
-    kube.create(ns, PG_DB, "orders", {"serverRef": {"name": "pg"}, "extensions": ["citext"]})
-    kube.create(ns, PG_DB, "users", {"serverRef": {"name": "pg"}, "databaseName": "users_db"})
-    await kube.wait_ready(ns, PG_DB, "orders")
-    await kube.wait_ready(ns, PG_DB, "users")
-    secret = kube.secret(ns, "orders-db")
-    assert set(secret) == {"uri", "DATABASE_URL", "host", "port", "dbname", "username", "password"}
-    assert secret["dbname"] == "orders" and secret["username"] == "orders_owner"
+    name, obj = await make_db("orders", extensions=["citext"])
+    _other, other_obj = await make_db("users")
+    dbname = obj["status"]["databaseName"]
+    secret = kube.secret(ns, f"{name}-db")
+    assert {"uri", "DATABASE_URL", "host", "port", "dbname", "username", "password"} <= set(secret)
+    # servicebinding.io and CloudNativePG's keys
+    assert secret["type"] == "postgresql" and secret["provider"] == "emporium-operator"
+    assert secret["database"] == secret["dbname"] == dbname and secret["username"] == f"{dbname}_owner"
+    assert secret["jdbc-uri"].startswith(
+        f"jdbc:postgresql://{secret['host']}:{secret['port']}/{dbname}?user="
+    )
+    assert secret["pgpass"] == (
+        f"{secret['host']}:{secret['port']}:{dbname}:{secret['username']}:{secret['password']}\n"
+    )
     assert secret["uri"] == secret["DATABASE_URL"]
+    meta = kube.core.read_namespaced_secret(f"{name}-db", ns).metadata
+    assert len(meta.annotations["emporium.dev/credentials-hash"]) == 32
     conn = await asyncpg.connect(secret["uri"])
     try:
         await conn.execute("CREATE TABLE t (id serial primary key, name citext)")
         await conn.execute("INSERT INTO t (name) VALUES ('A')")
         assert await conn.fetchval("SELECT count(*) FROM t WHERE name = 'a'") == 1
-        assert await conn.fetchval(
-            "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname='public'"
-        ) == ("orders_owner")
+        owner = await conn.fetchval("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname='public'")
+        assert owner == secret["username"]
         assert not await conn.fetchval(
             "SELECT rolsuper OR rolcreatedb OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
         )
     finally:
         await conn.close()
-    # The orders role cannot even connect to the users database (CONNECT revoked from PUBLIC).
+    # The role cannot even connect to the other database (CONNECT revoked from PUBLIC).
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await asyncpg.connect(postgres.dsn("users_db", secret["username"], secret["password"]))
-    labels = kube.core.read_namespaced_secret("orders-db", ns).metadata
-    assert labels.labels["emporium.dev/managed"] == "true"
-    assert labels.owner_references[0].kind == PG_DB
+        await asyncpg.connect(
+            postgres.dsn(other_obj["status"]["databaseName"], secret["username"], secret["password"])
+        )
+    assert meta.labels["emporium.dev/managed"] == "true"
+    assert kube.core.read_namespaced_secret(f"{name}-db", ns).metadata.owner_references[0].kind == PG_DB
     out = kube.kubectl("get", "postgresdatabases", "-n", ns).stdout
-    assert "orders-db" in out and "Provisioned" in out
+    assert f"{name}-db" in out and "Provisioned" in out
+    # Retain objects carry no finalizer: deleting them (or their namespace) never waits for the operator.
+    assert not kube.get(ns, PG_DB, name)["metadata"].get("finalizers")
 
 
-async def test_update_adds_extension(kube, env, postgres):
+async def test_extensions_added_and_removed(kube, env, postgres, make_db):
     ns = env["ns"]
-    await kube.wait_ready(ns, PG_DB, "orders")
-    kube.patch_spec(ns, PG_DB, "orders", {"extensions": ["citext", "pgcrypto"]})
-    await kube.wait_ready(ns, PG_DB, "orders")
+    name, obj = await make_db("ext", extensions=["citext"])
+    dbname = obj["status"]["databaseName"]
+    kube.patch_spec(ns, PG_DB, name, {"extensions": ["citext", "pgcrypto"]})
+    await kube.wait_ready(ns, PG_DB, name)
+    assert "pgcrypto" in postgres.psql("SELECT extname FROM pg_extension", dbname)
+    kube.patch_spec(ns, PG_DB, name, {"extensions": ["pgcrypto"]})
+    await kube.wait_ready(ns, PG_DB, name)
     await kube.wait_for(
-        lambda: "pgcrypto" in postgres.psql("SELECT extname FROM pg_extension", "orders"),
-        what="pgcrypto installed",
+        lambda: "citext" not in postgres.psql("SELECT extname FROM pg_extension", dbname),
+        within=10,
+        what="citext dropped",
     )
+    assert "pgcrypto" in postgres.psql("SELECT extname FROM pg_extension", dbname)
 
 
-async def test_drift_repair_dropped_database_role_and_password(kube, env, postgres):
+async def test_drift_repair_dropped_database_role_and_password(kube, env, postgres, make_db):
     ns = env["ns"]
-    await kube.wait_ready(ns, PG_DB, "orders")
-    postgres.psql("DROP DATABASE orders WITH (FORCE)")
-    postgres.psql("DROP ROLE orders_owner")
+    name, obj = await make_db("drift")
+    dbname, role = obj["status"]["databaseName"], obj["status"]["username"]
+    postgres.psql(f'DROP DATABASE "{dbname}" WITH (FORCE)')
+    postgres.psql(f'DROP ROLE "{role}"')
     await kube.wait_for(
-        lambda: postgres.psql("SELECT 1 FROM pg_database WHERE datname='orders'") == "1",
+        lambda: postgres.psql(f"SELECT 1 FROM pg_database WHERE datname='{dbname}'") == "1",  # noqa: S608
         within=30,
         what="database recreated",
     )
     obj = await kube.wait_for(
-        lambda: (o := kube.get(ns, PG_DB, "orders"))["status"].get("driftRepairs", 0) >= 2 and o, within=30
+        lambda: (o := kube.get(ns, PG_DB, name))["status"].get("driftRepairs", 0) >= 2 and o, within=30
     )
     assert obj["status"]["lastDriftRepair"]["objects"]
+    await kube.wait_for(lambda: kube.events(ns, name, "DriftRepaired", "Normal"), within=10, what="event")
     # A password changed behind the operator's back is reset to the Secret's.
-    postgres.psql("ALTER ROLE orders_owner PASSWORD 'tampered'")
-    secret = kube.secret(ns, "orders-db")
-
-    async def connects() -> bool:
-        try:
-            conn = await asyncpg.connect(secret["uri"])
-        except asyncpg.InvalidPasswordError:
-            return False
-        await conn.close()
-        return True
-
+    postgres.psql(f"ALTER ROLE \"{role}\" PASSWORD 'tampered'")
+    secret = kube.secret(ns, f"{name}-db")
     for _ in range(60):
-        if await connects():
+        if await connects(secret["uri"]):
             break
         await asyncio.sleep(0.5)
-    assert await connects(), "the role's password was not reset to the Secret's"
+    assert await connects(secret["uri"]), "the role's password was not reset to the Secret's"
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{env['metrics_port']}/metrics")).text
     for obj_label in ("database", "role", "password"):
@@ -109,57 +142,63 @@ async def test_drift_repair_dropped_database_role_and_password(kube, env, postgr
         )
 
 
-async def test_password_rotation_by_trigger(kube, env):
+async def test_password_rotation_by_trigger(kube, env, make_db):
     ns = env["ns"]
-    await kube.wait_ready(ns, PG_DB, "users")
-    old = kube.secret(ns, "users-db")
-    kube.patch_spec(ns, PG_DB, "users", {"passwordRotation": {"trigger": "2026-11-25"}})
+    name, _ = await make_db("rotate")
+    old = kube.secret(ns, f"{name}-db")
+    old_hash = kube.core.read_namespaced_secret(f"{name}-db", ns).metadata.annotations
+    kube.patch_spec(ns, PG_DB, name, {"passwordRotation": {"trigger": "2026-11-25"}})
     new = await kube.wait_for(
-        lambda: (s := kube.secret(ns, "users-db"))["password"] != old["password"] and s,
+        lambda: (s := kube.secret(ns, f"{name}-db"))["password"] != old["password"] and s,
         within=30,
         what="rotated password",
     )
-    conn = await asyncpg.connect(new["uri"])
-    await conn.close()
+    assert await connects(new["uri"])
     with pytest.raises(asyncpg.InvalidPasswordError):
         await asyncpg.connect(old["uri"])
-    obj = await kube.wait_ready(ns, PG_DB, "users")
+    obj = await kube.wait_ready(ns, PG_DB, name)
     assert obj["status"]["rotationTrigger"] == "2026-11-25"
+    new_hash = kube.core.read_namespaced_secret(f"{name}-db", ns).metadata.annotations
+    assert new_hash["emporium.dev/credentials-hash"] != old_hash["emporium.dev/credentials-hash"]
 
 
-async def test_retain_versus_delete_and_active_connections_block(kube, env, postgres):
+async def test_retain_versus_delete_and_active_connections_block(kube, env, postgres, make_db):
     ns = env["ns"]
-    kube.delete(ns, PG_DB, "users")  # reclaimPolicy defaults to Retain
-    await kube.wait_gone(ns, PG_DB, "users")
-    assert postgres.psql("SELECT 1 FROM pg_database WHERE datname='users_db'") == "1"
-    await kube.wait_for(
-        lambda: kube.secret(ns, "users-db") is None, within=30, what="Secret garbage-collected"
-    )
+    kept, obj = await make_db("kept")  # reclaimPolicy defaults to Retain
+    kube.delete(ns, PG_DB, kept)
+    await kube.wait_gone(ns, PG_DB, kept)
+    kept_db = obj["status"]["databaseName"]
+    assert postgres.psql(f"SELECT 1 FROM pg_database WHERE datname='{kept_db}'") == "1"  # noqa: S608
+    await kube.wait_for(lambda: kube.secret(ns, f"{kept}-db") is None, within=30, what="Secret collected")
 
-    kube.create(ns, PG_DB, "scratch", {"serverRef": {"name": "pg"}, "reclaimPolicy": "Delete"})
-    await kube.wait_ready(ns, PG_DB, "scratch")
-    conn = await asyncpg.connect(kube.secret(ns, "scratch-db")["uri"])
-    kube.delete(ns, PG_DB, "scratch")
-    obj = await kube.wait_reason(ns, PG_DB, "scratch", "ActiveConnections", type_="DeletionBlocked")
+    scratch, obj = await make_db("scratch", reclaimPolicy="Delete")
+    dbname, role = obj["status"]["databaseName"], obj["status"]["username"]
+    assert kube.get(ns, PG_DB, scratch)["metadata"]["finalizers"] == ["emporium.dev/cleanup"]
+    conn = await asyncpg.connect(kube.secret(ns, f"{scratch}-db")["uri"])
+    kube.delete(ns, PG_DB, scratch)
+    obj = await kube.wait_reason(ns, PG_DB, scratch, "ActiveConnections", type_="DeletionBlocked")
     assert "active connection" in kube.condition(obj, "DeletionBlocked")["message"]
     await conn.close()
-    await kube.wait_gone(ns, PG_DB, "scratch", within=30)
-    assert postgres.psql("SELECT count(*) FROM pg_database WHERE datname='scratch'") == "0"
-    assert postgres.psql("SELECT count(*) FROM pg_roles WHERE rolname='scratch_owner'") == "0"
+    await kube.wait_gone(ns, PG_DB, scratch, within=30)
+    assert postgres.psql(f"SELECT count(*) FROM pg_database WHERE datname='{dbname}'") == "0"  # noqa: S608
+    assert postgres.psql(f"SELECT count(*) FROM pg_roles WHERE rolname='{role}'") == "0"  # noqa: S608
 
 
-async def test_deleted_secret_is_recreated_with_working_credentials(kube, env):
+async def test_deleted_or_edited_secret_is_repaired_within_5s(kube, env, make_db):
     ns = env["ns"]
-    await kube.wait_ready(ns, PG_DB, "orders")
-    kube.core.delete_namespaced_secret("orders-db", ns)
-    secret = await kube.wait_for(lambda: kube.secret(ns, "orders-db"), within=20, what="Secret recreated")
-    for _ in range(40):
-        try:
-            conn = await asyncpg.connect(secret["uri"])
-        except asyncpg.InvalidPasswordError:
-            await asyncio.sleep(0.5)
-            continue
-        await conn.close()
-        break
-    else:
-        raise AssertionError("the recreated Secret's password never worked")
+    name, _ = await make_db("secret")
+    secret_name = f"{name}-db"
+    kube.core.delete_namespaced_secret(secret_name, ns)
+    secret = await kube.wait_for(lambda: kube.secret(ns, secret_name), within=5, what="Secret recreated")
+    assert await connects(secret["uri"])
+    # An edited key is put back; an edited password is applied to the server (the Secret is the truth).
+    kube.core.patch_namespaced_secret(
+        secret_name, ns, {"stringData": {"host": "elsewhere.example", "password": "edited-pw"}}
+    )
+    fixed = await kube.wait_for(
+        lambda: (s := kube.secret(ns, secret_name))["host"] != "elsewhere.example" and s,
+        within=5,
+        what="Secret repaired",
+    )
+    assert fixed["password"] == "edited-pw"
+    assert await connects(fixed["uri"])

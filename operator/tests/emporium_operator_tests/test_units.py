@@ -30,19 +30,74 @@ def test_scram_verifier_round_trip():
 
 
 def test_plan_fresh_database_creates_everything_in_order():
-    desired = postgres.DesiredDatabase("orders", "orders_owner", "not-in-base64", ("citext",))
+    marker = postgres.ownership_marker("PostgresDatabase ns/orders")
+    desired = postgres.DesiredDatabase("orders", "orders_owner", "not-in-base64", ("citext",), marker)
     steps = postgres.plan(postgres.ObservedDatabase(), desired)
-    assert [s.obj for s in steps] == ["role", "database", "privileges", "schema", "schema", "extension"]
-    assert steps[0].sql.startswith('CREATE ROLE "orders_owner" LOGIN')
+    assert [s.obj for s in steps] == [
+        "role",
+        "database",
+        "ownership",
+        "privileges",
+        "schema",
+        "schema",
+        "extension",
+    ]
+    assert steps[0].sql.startswith('CREATE ROLE "orders_owner" LOGIN NOSUPERUSER')
+    # The role is never without its ownership comment (one implicit transaction).
+    assert steps[0].sql.endswith(f"; COMMENT ON ROLE \"orders_owner\" IS '{marker}'")
     assert "not-in-base64" not in steps[0].sql  # only the SCRAM verifier travels ('-' is not base64)
     assert steps[1].sql == 'CREATE DATABASE "orders" OWNER "orders_owner"'
-    assert steps[3].dbname == "orders" and steps[3].sql == 'ALTER SCHEMA public OWNER TO "orders_owner"'
-    assert steps[5].sql == 'CREATE EXTENSION IF NOT EXISTS "citext"'
+    assert steps[2].sql == f"COMMENT ON DATABASE \"orders\" IS '{marker}'"
+    assert steps[4].dbname == "orders" and steps[4].sql == 'ALTER SCHEMA public OWNER TO "orders_owner"'
+    assert steps[6].sql == 'CREATE EXTENSION IF NOT EXISTS "citext"'
+
+
+def test_takeover_rules():
+    marker = postgres.ownership_marker("PostgresDatabase ns/orders")
+    desired = postgres.DesiredDatabase("orders", "orders_owner", "pw", (), marker)
+    fresh = postgres.ObservedDatabase()
+    assert postgres.takeover(fresh, desired) is None
+    ours = postgres.ObservedDatabase(
+        role_exists=True, role_comment=marker, database_exists=True, database_owner="orders_owner"
+    )
+    assert postgres.takeover(ours, desired) is None  # database without comment, owned by our role
+    ours.database_comment = "someone else's"
+    assert "database" in postgres.takeover(ours, desired)
+    foreign = postgres.ObservedDatabase(role_exists=True, role_comment=None)
+    assert "not created by the operator" in postgres.takeover(foreign, desired)
+    other_object = postgres.ObservedDatabase(
+        role_exists=True, role_comment=postgres.ownership_marker("PostgresDatabase other/orders")
+    )
+    assert postgres.takeover(other_object, desired)
+    # A role made by an earlier version (no comment) is adopted only with the password of our own Secret.
+    legacy = postgres.ObservedDatabase(role_exists=True, role_password=postgres.scram_verifier("pw"))
+    assert postgres.takeover(legacy, desired)
+    adopting = postgres.DesiredDatabase("orders", "orders_owner", "pw", (), marker, password_from_secret=True)
+    assert postgres.takeover(legacy, adopting) is None
+    assert next(s.obj for s in postgres.plan(legacy, adopting)) == "ownership"
+    wrong = postgres.DesiredDatabase("orders", "orders_owner", "guess", (), marker, password_from_secret=True)
+    assert postgres.takeover(legacy, wrong)
+    powerful = postgres.ObservedDatabase(role_exists=True, role_comment=marker, role_powers=["SUPERUSER"])
+    assert "SUPERUSER" in postgres.takeover(powerful, desired)
+    assert postgres.reserved_role("postgres", "admin") and postgres.reserved_role("pg_monitor", "admin")
+    assert postgres.reserved_role("admin", "admin") and not postgres.reserved_role("orders_owner", "admin")
+    tag = rabbit.owner_tag("ns/orders")
+    assert rabbit.user_takeover(None, "orders", tag, "admin") is None
+    assert rabbit.user_takeover({"tags": [tag]}, "orders", tag, "admin") is None
+    assert "admin user" in rabbit.user_takeover(None, "admin", tag, "admin")
+    assert "tags" in rabbit.user_takeover({"tags": ["administrator"]}, "orders", tag, "admin")
+    assert rabbit.user_takeover({"tags": []}, "orders", tag, "admin")
+    assert rabbit.user_takeover({"tags": [rabbit.owner_tag("x/orders")]}, "orders", tag, "admin")
+    old = {"tags": [], "password_hash": rabbit.password_hash("pw")}
+    assert rabbit.user_takeover(old, "orders", tag, "admin", known_password="pw") is None
+    assert rabbit.user_takeover(old, "orders", tag, "admin", known_password="guess")
+    assert rabbit.user_takeover({**old, "tags": ["management"]}, "orders", tag, "admin", known_password="pw")
 
 
 def test_plan_converged_is_empty_and_drift_is_targeted():
-    desired = postgres.DesiredDatabase("orders", "orders_owner", "pw", ("citext",))
+    desired = postgres.DesiredDatabase("orders", "orders_owner", "pw", ("citext",), "m")
     good = postgres.ObservedDatabase(
+        database_comment="m",
         role_exists=True,
         role_can_login=True,
         role_password=postgres.scram_verifier("pw"),
@@ -159,17 +214,17 @@ def test_secret_manifest_has_label_and_owner():
 
 
 def test_claims_conflict_across_namespaces_on_the_same_physical_server():
-    from emporium_operator.main import _claim_winner
+    from emporium_operator.common import claim_winner as _claim_winner
 
     servers = {("a", "pg"): "db:5432", ("b", "pg2"): "db:5432", ("c", "pg"): "other:5432"}
 
-    def endpoint_of(ns, server):
-        return servers.get((ns, server))
+    def endpoint_of(key):
+        return servers.get(key)
 
     claims = [
-        ("2026-01-02T00:00:00Z", "a", "orders", "pg"),
-        ("2026-01-01T00:00:00Z", "b", "orders-copy", "pg2"),  # earlier, same physical server
-        ("2025-01-01T00:00:00Z", "c", "orders", "pg"),  # earliest, but another server
+        ("2026-01-02T00:00:00Z", "a", "orders", ("a", "pg")),
+        ("2026-01-01T00:00:00Z", "b", "orders-copy", ("b", "pg2")),  # earlier, same physical server
+        ("2025-01-01T00:00:00Z", "c", "orders", ("c", "pg")),  # earliest, but another server
     ]
     assert _claim_winner(claims, "a", "orders", endpoint_of) == "b/orders-copy"
     assert _claim_winner(claims, "b", "orders-copy", endpoint_of) is None
@@ -180,7 +235,7 @@ def test_claims_conflict_across_namespaces_on_the_same_physical_server():
 def test_rotation_due_by_trigger_and_interval():
     import datetime as dt
 
-    from emporium_operator.main import _rotation_due
+    from emporium_operator.common import rotation_due as _rotation_due
 
     now = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
     assert _rotation_due({}, {}, now) == (False, None)
@@ -192,3 +247,76 @@ def test_rotation_due_by_trigger_and_interval():
     spec = {"passwordRotation": {"interval": "1h"}}
     assert _rotation_due(spec, {"passwordRotatedAt": "2026-11-25T11:30:00Z"}, now) == (False, None)
     assert _rotation_due(spec, {"passwordRotatedAt": "2026-11-25T10:59:00Z"}, now) == (True, None)
+
+
+def test_binding_keys_and_credentials_hash():
+    from emporium_operator import pg_database
+    from emporium_operator.secrets import credentials_hash
+
+    conn = postgres.ServerConn("db.example", 5432, "admin", "x", sslmode="require")
+    data = pg_database.binding_data("app", "p:w", conn, "orders")
+    assert data["type"] == "postgresql" and data["provider"] == "emporium-operator"
+    assert data["database"] == data["dbname"] == "orders"
+    assert (
+        data["jdbc-uri"] == "jdbc:postgresql://db.example:5432/orders?user=app&password=p%3Aw&sslmode=require"
+    )
+    assert data["pgpass"] == "db.example:5432:orders:app:p\\:w\n"
+    assert credentials_hash(data) == credentials_hash(dict(reversed(data.items())))
+    assert credentials_hash(data) != credentials_hash({**data, "password": "other"})
+
+
+def test_label_selectors_for_allowed_namespaces():
+    from emporium_operator.common import selector_matches
+
+    labels = {"team": "shop", "env": "prod"}
+    assert selector_matches({"matchLabels": {"team": "shop"}}, labels)
+    assert not selector_matches({"matchLabels": {"team": "ops"}}, labels)
+    assert selector_matches(
+        {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]}, labels
+    )
+    assert not selector_matches(
+        {"matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["prod"]}]}, labels
+    )
+    assert selector_matches({"matchExpressions": [{"key": "x", "operator": "DoesNotExist"}]}, labels)
+    assert not selector_matches({"matchExpressions": [{"key": "x", "operator": "Exists"}]}, labels)
+
+
+async def test_engine_schedules_new_changed_and_ready_objects():
+    from emporium_operator.engine import Engine
+
+    engine = Engine()
+
+    def body(name, generation=1, ready=False):
+        status = {}
+        if ready:
+            status = {
+                "observedGeneration": generation,
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Provisioned"}],
+            }
+        return {
+            "metadata": {
+                "namespace": "ns",
+                "name": name,
+                "uid": name,
+                "generation": generation,
+                "resourceVersion": "1",
+            },
+            "spec": {},
+            "status": status,
+        }
+
+    engine.observe("x", None, body("new"))
+    engine.observe("x", None, body("done", ready=True))
+    assert engine.due[("x", "ns", "new")] <= engine.due[("x", "ns", "done")]
+    engine.due.clear()
+    engine.observe("x", "MODIFIED", body("done", ready=True))  # status-only change: nothing to do
+    assert ("x", "ns", "done") not in engine.due
+    engine.observe("x", "MODIFIED", body("done", generation=2, ready=True))  # spec changed
+    assert ("x", "ns", "done") in engine.due
+    engine.observe("x", "DELETED", body("done", generation=2))
+    assert ("x", "ns", "done") not in engine.bodies and ("x", "ns", "done") not in engine.due
+    from emporium_operator.common import RETRY_MAX, RETRY_MIN
+
+    delays = [engine._backoff(("x", "ns", "new")) for _ in range(7)]
+    assert delays[0] == RETRY_MIN and delays[-1] == RETRY_MAX  # from the first retry, doubling, capped
+    assert delays == sorted(delays)
