@@ -10,6 +10,7 @@ OURS = {
     "users",
     "refresh_tokens",
     "login_attempts",
+    "registration_attempts",
     "external_identities",
     "oidc_login_states",
     "oidc_login_codes",

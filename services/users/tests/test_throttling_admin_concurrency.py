@@ -2,44 +2,162 @@
 
 import asyncio
 import io
+import threading
+import time
 
 import pytest
 from emporium_common import testing
 from emporium_users import __main__ as cli
+from emporium_users import security
 from emporium_users.main import bootstrap_admin, build_app
-from emporium_users.models import LoginAttempt, User
+from emporium_users.models import LoginAttempt, RegistrationAttempt, User
 from sqlalchemy import delete, select
 
 from .conftest import PASSWORD, bearer, login, register
 
 
-async def test_login_is_throttled_per_account(client, settings):
-    await register(client)
-    for _ in range(settings.login_max_failures_per_account):
-        wrong = await client.post(
-            "/users/login", json={"email": "ada@example.com", "password": "wrong guess"}
-        )
-        assert wrong.status_code == 401
-    # Even the right password is refused for a while now.
-    blocked = await client.post("/users/login", json={"email": "ada@example.com", "password": PASSWORD})
-    assert blocked.status_code == 429
-    assert blocked.json()["code"] == "too_many_requests"
-    assert int(blocked.headers["retry-after"]) > 0
-    # Other accounts are not affected.
-    await register(client, email="bob@example.com", username="bob")
-    await login(client, email="bob@example.com")
+def _from(address: str) -> dict[str, str]:
+    # Apps built by `proxied` trust one proxy hop: the last X-Forwarded-For entry is the client address.
+    return {"X-Forwarded-For": address}
 
 
-async def test_login_is_throttled_per_client_address(settings, session):
-    app = build_app(settings.model_copy(update={"login_max_attempts_per_address": 3}))
-    async with testing.app_client(app, session) as client:
+@pytest.fixture
+def proxied(settings):
+    def build(**overrides):
+        return build_app(settings.model_copy(update={"trusted_proxy_hops": 1, **overrides}))
+
+    return build
+
+
+async def _login_from(client, address: str, email: str, password: str):
+    return await client.post(
+        "/users/login", json={"email": email, "password": password}, headers=_from(address)
+    )
+
+
+async def test_guessing_from_one_address_is_stopped_but_the_owner_elsewhere_logs_in(proxied, session):
+    async with testing.app_client(proxied(), session) as client:
+        await register(client)
+        for _ in range(5):
+            wrong = await _login_from(client, "198.51.100.7", "ada@example.com", "wrong guess")
+            assert wrong.status_code == 401
+        # The guesser's address is done for this account, even with the right password...
+        blocked = await _login_from(client, "198.51.100.7", "ada@example.com", PASSWORD)
+        assert blocked.status_code == 429
+        assert blocked.json()["code"] == "too_many_requests"
+        assert int(blocked.headers["retry-after"]) > 0
+        # ...while the owner, somewhere else, is not locked out.
+        assert (await _login_from(client, "203.0.113.20", "ada@example.com", PASSWORD)).status_code == 200
+
+
+async def test_one_address_trying_many_accounts_is_throttled(proxied, session):
+    async with testing.app_client(proxied(login_max_failures_per_address=3), session) as client:
         for i in range(3):
-            response = await client.post(
-                "/users/login", json={"email": f"u{i}@example.com", "password": "guess it"}
-            )
+            response = await _login_from(client, "198.51.100.8", f"u{i}@example.com", "guess it")
             assert response.status_code == 401
-        response = await client.post("/users/login", json={"email": "u9@example.com", "password": "guess it"})
+        response = await _login_from(client, "198.51.100.8", "u9@example.com", "guess it")
         assert response.status_code == 429
+        # Other addresses are not affected.
+        assert (await _login_from(client, "198.51.100.9", "u9@example.com", "guess it")).status_code == 401
+
+
+async def test_forty_customers_behind_one_address_all_log_in_within_a_minute(proxied, session):
+    # One NAT or proxy, many shoppers: successful logins are not failures and never count.
+    async with testing.app_client(proxied(), session) as client:
+        for i in range(40):  # signed up from their homes
+            payload = {"email": f"shopper{i}@example.com", "username": f"shopper{i}", "password": PASSWORD}
+            response = await client.post("/users/register", json=payload, headers=_from(f"192.0.2.{100 + i}"))
+            assert response.status_code == 201
+        started = time.monotonic()
+        for i in range(40):
+            response = await _login_from(client, "192.0.2.40", f"shopper{i}@example.com", PASSWORD)
+            assert response.status_code == 200, (i, response.text)
+        assert time.monotonic() - started < 60
+
+
+async def test_an_account_guessed_from_many_addresses_is_slowed_down_not_locked(proxied, session):
+    app = proxied(login_slowdown_after_failures=2, login_slowdown_max_seconds=0.6)
+    async with testing.app_client(app, session) as client:
+        await register(client)
+        for i in range(4):
+            wrong = await _login_from(client, f"198.51.100.{20 + i}", "ada@example.com", "x")
+            assert wrong.status_code == 401
+        started = time.monotonic()
+        assert (await _login_from(client, "203.0.113.21", "ada@example.com", PASSWORD)).status_code == 200
+        assert time.monotonic() - started >= 0.5
+
+
+@pytest.fixture
+async def committed_users(engine):
+    """Users (emails) and attempts (addresses) a test with real concurrency committed; removed after."""
+    made = {"emails": [], "addresses": []}
+    yield made
+    async with engine.begin() as conn:
+        await conn.execute(delete(User).where(User.email.in_(made["emails"])))
+        await conn.execute(delete(LoginAttempt).where(LoginAttempt.client_address.in_(made["addresses"])))
+        await conn.execute(
+            delete(RegistrationAttempt).where(RegistrationAttempt.client_address.in_(made["addresses"]))
+        )
+
+
+async def test_a_concurrent_burst_cannot_pass_the_count(proxied, committed_users):
+    committed_users["emails"].append("burst@example.com")
+    committed_users["addresses"] += ["198.51.100.30", "203.0.113.30"]
+    async with testing.app_client(proxied()) as client:  # every request its own transaction
+        await register(client, email="burst@example.com", username="burst")
+        responses = await asyncio.gather(
+            *(_login_from(client, "198.51.100.30", "burst@example.com", f"guess {i}") for i in range(15))
+        )
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {401, 429}
+    assert 1 <= statuses.count(401) <= 5, statuses  # never more password checks than the limit
+
+
+async def test_registration_is_rate_limited_per_address(proxied, session):
+    async with testing.app_client(proxied(register_max_per_address=3), session) as client:
+        for i in range(3):
+            payload = {"email": f"new{i}@example.com", "username": f"new{i}", "password": PASSWORD}
+            response = await client.post("/users/register", json=payload, headers=_from("198.51.100.40"))
+            assert response.status_code == 201
+        payload = {"email": "new9@example.com", "username": "new9", "password": PASSWORD}
+        refused = await client.post("/users/register", json=payload, headers=_from("198.51.100.40"))
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        response = await client.post("/users/register", json=payload, headers=_from("198.51.100.41"))
+        assert response.status_code == 201
+
+
+async def test_concurrent_bcrypt_work_is_bounded(proxied, committed_users, monkeypatch):
+    running, peak, lock = 0, 0, threading.Lock()
+    real_verify = security.verify_password
+
+    def slow_verify(password, hashed):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            time.sleep(0.5)
+            return real_verify(password, hashed)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(security, "verify_password", slow_verify)
+    addresses = [f"198.51.100.{50 + i}" for i in range(12)]
+    committed_users["addresses"] += addresses
+    app = proxied(password_hash_workers=2, password_hash_max_waiting=4)
+    try:
+        async with testing.app_client(app) as client:
+            responses = await asyncio.gather(
+                *(_login_from(client, a, f"nobody{i}@example.com", "guess") for i, a in enumerate(addresses))
+            )
+    finally:
+        security.hashing.configure(2, 64)
+    statuses = [r.status_code for r in responses]
+    assert peak <= 2
+    assert set(statuses) <= {401, 503} and 401 in statuses
+    assert 503 in statuses, statuses  # beyond 2 running + 4 waiting: refused at once, not queued
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 503)
 
 
 async def test_forwarded_address_is_used_only_behind_trusted_proxies(settings, session):

@@ -23,11 +23,24 @@ class UsersSettings(Settings):
     admin_email: str | None = None
     admin_username: str = "admin"
     admin_password: str | None = None
-    # Login throttling: failures per account, attempts per client address, each in a sliding window.
+    # Login throttling counts failed password checks (never successes), each in a sliding window:
+    # - per account and client address: the guesser at that address gets 429, the owner elsewhere does not;
     login_max_failures_per_account: int = Field(default=5, ge=1)
     login_account_window_seconds: int = Field(default=900, ge=1)
-    login_max_attempts_per_address: int = Field(default=30, ge=1)
+    # - per client address, whatever the accounts (one address trying many accounts): 429;
+    login_max_failures_per_address: int = Field(default=30, ge=1)
     login_address_window_seconds: int = Field(default=300, ge=1)
+    # - per account from all addresses (a guesser spreading over many addresses): no lockout, a delay before
+    #   each password check of that account that doubles per failure beyond the threshold, up to the cap.
+    login_slowdown_after_failures: int = Field(default=10, ge=1)
+    login_slowdown_max_seconds: float = Field(default=4.0, ge=0, le=30)
+    # Registrations per client address (all of them count) in a sliding window.
+    register_max_per_address: int = Field(default=30, ge=1)
+    register_window_seconds: int = Field(default=600, ge=1)
+    # bcrypt (~0.25 s of CPU each) runs on at most this many threads; beyond `password_hash_max_waiting`
+    # queued checks the service answers 503 + Retry-After at once instead of queueing without bound.
+    password_hash_workers: int = Field(default=2, ge=1, le=64)
+    password_hash_max_waiting: int = Field(default=64, ge=0)
     # How many reverse proxies (Istio ingress = 1) append to X-Forwarded-For in front of us; 0 = use the
     # socket peer. Trusting more hops than exist lets clients pick their own address.
     trusted_proxy_hops: int = Field(default=0, ge=0, le=5)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 import secrets
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from emporium_common.events import USER_REGISTERED
 from emporium_common.outbox import add_event
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -21,11 +21,12 @@ from .models import (
     OIDCLoginCode,
     OIDCLoginState,
     RefreshToken,
+    RegistrationAttempt,
     Role,
     User,
     UserCreate,
 )
-from .security import hash_password, hash_refresh_token, new_refresh_token
+from .security import hash_refresh_token, hashing, new_refresh_token
 
 
 class DuplicateUser(Exception):
@@ -33,7 +34,7 @@ class DuplicateUser(Exception):
 
 
 async def create_user(*, session: AsyncSession, user_create: UserCreate, role: Role = Role.customer) -> User:
-    hashed_password = await asyncio.to_thread(hash_password, user_create.password)  # CPU-bound: off the loop
+    hashed_password = await hashing.hash(user_create.password)  # CPU-bound: on the bounded bcrypt threads
     user = User(
         email=user_create.email, username=user_create.username, hashed_password=hashed_password, role=role
     )
@@ -153,23 +154,82 @@ async def revoke_refresh_token_family(*, session: AsyncSession, token: str) -> N
 # Login throttling
 
 
-async def count_recent_attempts(
-    *, session: AsyncSession, window: timedelta, email: str | None = None, address: str | None = None
-) -> int:
-    query = select(func.count()).select_from(LoginAttempt)
-    query = query.where(LoginAttempt.attempted_at > datetime.now(UTC) - window)
-    if email is not None:
-        query = query.where(LoginAttempt.email == email, LoginAttempt.succeeded.is_(False))
-    if address is not None:
-        query = query.where(LoginAttempt.client_address == address)
-    return (await session.exec(query)).scalar_one()
+@dataclass(frozen=True)
+class FailureCounts:
+    """Failed password checks in their windows, the current attempt included (counted as failed until it
+    succeeds)."""
+
+    account_at_address: int
+    address: int
+    account: int
 
 
-async def record_attempt(*, session: AsyncSession, email: str, address: str, succeeded: bool) -> None:
-    session.add(LoginAttempt(email=email, client_address=address, succeeded=succeeded))
+async def begin_login_attempt(*, session: AsyncSession, email: str, address: str) -> int:
+    """Record an attempt as failed and commit it *before* counting: concurrent attempts then always see each
+    other, so a burst cannot slip past the limit. Returns its id (``mark_login_succeeded`` flips it)."""
+    attempt = LoginAttempt(email=email, client_address=address, succeeded=False)
+    session.add(attempt)
+    await session.commit()
     if random.random() < 0.01:  # noqa: S311 - housekeeping now and then, not security
         cutoff = datetime.now(UTC) - timedelta(days=1)
         await session.exec(delete(LoginAttempt).where(LoginAttempt.attempted_at < cutoff))
+        await session.exec(delete(RegistrationAttempt).where(RegistrationAttempt.attempted_at < cutoff))
+        await session.commit()
+    return attempt.id
+
+
+async def count_login_failures(
+    *, session: AsyncSession, email: str, address: str, account_window: timedelta, address_window: timedelta
+) -> FailureCounts:
+    now = datetime.now(UTC)
+    failed = LoginAttempt.succeeded.is_(False)
+    in_account_window = LoginAttempt.attempted_at > now - account_window
+    in_address_window = LoginAttempt.attempted_at > now - address_window
+    at_address, of_account = LoginAttempt.client_address == address, LoginAttempt.email == email
+    query = select(
+        func.count().filter(of_account, at_address, in_account_window),
+        func.count().filter(at_address, in_address_window),
+        func.count().filter(of_account, in_account_window),
+    ).where(
+        failed,
+        or_(at_address, of_account),
+        LoginAttempt.attempted_at > now - max(account_window, address_window),
+    )
+    row = (await session.exec(query)).one()
+    return FailureCounts(account_at_address=row[0], address=row[1], account=row[2])
+
+
+async def forget_login_attempt(*, session: AsyncSession, attempt_id: int) -> None:
+    """A refused (throttled) attempt checked no password: it does not count."""
+    await session.exec(delete(LoginAttempt).where(LoginAttempt.id == attempt_id))
+
+
+async def mark_login_succeeded(*, session: AsyncSession, attempt_id: int) -> None:
+    await session.exec(update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(succeeded=True))
+
+
+async def begin_registration(*, session: AsyncSession, address: str, window: timedelta) -> tuple[int, int]:
+    """Record a registration attempt (committed first, like logins) and count the address's attempts in the
+    window, this one included. Returns (id, count)."""
+    attempt = RegistrationAttempt(client_address=address)
+    session.add(attempt)
+    await session.commit()
+    count = (
+        await session.exec(
+            select(func.count())
+            .select_from(RegistrationAttempt)
+            .where(
+                RegistrationAttempt.client_address == address,
+                RegistrationAttempt.attempted_at > datetime.now(UTC) - window,
+            )
+        )
+    ).scalar_one()
+    return attempt.id, count
+
+
+async def forget_registration(*, session: AsyncSession, attempt_id: int) -> None:
+    await session.exec(delete(RegistrationAttempt).where(RegistrationAttempt.id == attempt_id))
+    await session.commit()
 
 
 # Sign-in with OpenID Connect providers

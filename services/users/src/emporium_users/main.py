@@ -14,7 +14,7 @@ from emporium_common.outbox import OutboxRelay
 from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import crud
+from . import crud, security
 from .config import UsersSettings
 from .keys import KeyRing, generate_local_keys
 from .oidc import ProviderClient
@@ -83,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def build_app(settings: UsersSettings | None = None, keys: KeyRing | None = None) -> FastAPI:
     settings = settings or UsersSettings()
     keys = keys or load_keys(settings)
+    security.hashing.configure(settings.password_hash_workers, settings.password_hash_max_waiting)
     # The users service verifies its own tokens against its own key set: no HTTP round trip.
     verifier = TokenVerifier(
         StaticKeySet(keys.jwks), issuer=settings.jwt_issuer, audience=settings.jwt_audience

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from emporium_common import db as _db  # noqa: F401 - sets the constraint naming convention first
 from pydantic import AfterValidator, BeforeValidator, EmailStr
-from sqlalchemy import CheckConstraint, Column, DateTime, ForeignKey, String, UniqueConstraint, func
+from sqlalchemy import CheckConstraint, Column, DateTime, ForeignKey, Index, String, UniqueConstraint, func
 from sqlmodel import Field, SQLModel
 
 PASSWORD_MAX_BYTES = 72  # bcrypt's limit: longer passwords are refused, never silently cut
@@ -115,15 +115,33 @@ class RefreshToken(SQLModel, table=True):
 
 
 class LoginAttempt(SQLModel, table=True):
-    """Recent login attempts, for throttling per account and per client address."""
+    """Recent password checks, for throttling. Recorded as failed before the check (so a burst cannot
+    pass the count before its attempts are recorded), marked succeeded when the password was right."""
 
     __tablename__ = "login_attempts"
+    __table_args__ = (
+        Index("ix_login_attempts_client_address_attempted_at", "client_address", "attempted_at"),
+        Index("ix_login_attempts_email_attempted_at", "email", "attempted_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     email: str = Field(max_length=255, index=True)
     client_address: str = Field(max_length=64, index=True)
     succeeded: bool
     attempted_at: datetime | None = Field(default=None, sa_column=_timestamp(index=True))
+
+
+class RegistrationAttempt(SQLModel, table=True):
+    """Recent registrations per client address, for rate limiting."""
+
+    __tablename__ = "registration_attempts"
+    __table_args__ = (
+        Index("ix_registration_attempts_client_address_attempted_at", "client_address", "attempted_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    client_address: str = Field(max_length=64)
+    attempted_at: datetime | None = Field(default=None, sa_column=_timestamp())
 
 
 class ExternalIdentity(SQLModel, table=True):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import bcrypt
 import jwt
+from emporium_common import AppError
 
 from .config import UsersSettings
 from .keys import KeyRing
@@ -37,6 +40,46 @@ def verify_password(password: str, hashed: str | None) -> bool:
         bcrypt.checkpw(b"timing", _DUMMY_HASH)
         return False
     return bcrypt.checkpw(data, hashed.encode())
+
+
+class PasswordHashing:
+    """bcrypt off the event loop on a bounded number of threads, with a bounded queue.
+
+    Without a bound, a burst of logins (or a guesser) starts one bcrypt per request and every request
+    slows down together; with it, at most ``workers`` run at once and the rest wait their turn, up to
+    ``max_waiting``; beyond that the caller gets 503 + Retry-After straight away.
+    """
+
+    def __init__(self, workers: int = 2, max_waiting: int = 64) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self.configure(workers, max_waiting)
+        self.in_flight = 0  # only touched on the event loop thread
+
+    def configure(self, workers: int, max_waiting: int) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        self.workers, self.max_waiting = workers, max_waiting
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
+
+    async def _run(self, fn, *args):
+        if self.in_flight >= self.workers + self.max_waiting:
+            busy = "Too many sign-ins in progress, retry shortly"
+            raise AppError(503, busy, "service_unavailable", {"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self.in_flight -= 1
+
+    async def hash(self, password: str) -> str:
+        return await self._run(hash_password, password)
+
+    async def verify(self, password: str, hashed: str | None) -> bool:
+        return await self._run(verify_password, password, hashed)
+
+
+# One per process: build_app sizes it from the settings.
+hashing = PasswordHashing()
 
 
 def create_access_token(user: User, keys: KeyRing, settings: UsersSettings) -> tuple[str, int]:

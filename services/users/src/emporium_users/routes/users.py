@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from emporium_common import AppError, ErrorResponse, SessionDep
+from emporium_common.auth import UNAUTHORIZED_HEADERS
 from fastapi import APIRouter, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from .. import crud
 from ..deps import ClientAddress, CurrentUser, KeysDep, SettingsDep
 from ..models import LoginRequest, RefreshRequest, Token, User, UserCreate, UserPublic
-from ..security import create_access_token, verify_password
+from ..security import create_access_token, hashing
 
 log = logging.getLogger("emporium.users")
 
@@ -23,7 +24,6 @@ router = APIRouter(prefix="/users", tags=["users"])
 
 INVALID_LOGIN = "Invalid email or password"
 INVALID_REFRESH = "Invalid refresh token"
-UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
 
 
 def _public(user: User) -> UserPublic:
@@ -38,9 +38,21 @@ def _errors(status_code: int, description: str) -> dict[int | str, dict[str, Any
     "/register",
     status_code=status.HTTP_201_CREATED,
     response_model=UserPublic,
-    responses=_errors(409, "The email or the username is already registered"),
+    responses={
+        **_errors(409, "The email or the username is already registered"),
+        **_errors(429, "Too many registrations from this address"),
+    },
 )
-async def register(user_in: UserCreate, session: SessionDep) -> UserPublic:
+async def register(
+    user_in: UserCreate, session: SessionDep, settings: SettingsDep, address: ClientAddress
+) -> UserPublic:
+    attempt_id, recent = await crud.begin_registration(
+        session=session, address=address, window=timedelta(seconds=settings.register_window_seconds)
+    )
+    if recent > settings.register_max_per_address:
+        await crud.forget_registration(session=session, attempt_id=attempt_id)
+        log.warning("registration throttled", extra={"client_address": address})
+        raise _too_many("Too many registrations, try again later", settings.register_window_seconds)
     try:
         user = await crud.create_user(session=session, user_create=user_in)
     except crud.DuplicateUser:
@@ -48,6 +60,10 @@ async def register(user_in: UserCreate, session: SessionDep) -> UserPublic:
         raise AppError(409, "Email or username is already registered", "conflict") from None
     log.info("user registered", extra={"user_id": user.id})
     return _public(user)
+
+
+def _too_many(detail: str, retry_after: float) -> AppError:
+    return AppError(429, detail, "too_many_requests", {"Retry-After": str(max(1, round(retry_after)))})
 
 
 async def _issue_tokens(*, session, user: User, keys, settings, family_id=None) -> Token:
@@ -115,33 +131,41 @@ async def login(
 ) -> Token:
     credentials = await _login_request(request)
     email = credentials.email
-    account_window = timedelta(seconds=settings.login_account_window_seconds)
-    address_window = timedelta(seconds=settings.login_address_window_seconds)
-    failures = await crud.count_recent_attempts(session=session, window=account_window, email=email)
-    attempts = await crud.count_recent_attempts(session=session, window=address_window, address=address)
-    if (
-        failures >= settings.login_max_failures_per_account
-        or attempts >= settings.login_max_attempts_per_address
-    ):
+    attempt_id = await crud.begin_login_attempt(session=session, email=email, address=address)
+    failures = await crud.count_login_failures(
+        session=session,
+        email=email,
+        address=address,
+        account_window=timedelta(seconds=settings.login_account_window_seconds),
+        address_window=timedelta(seconds=settings.login_address_window_seconds),
+    )
+    # Each count includes this attempt: the n-th concurrent attempt sees at least n.
+    if failures.account_at_address > settings.login_max_failures_per_account:
+        retry_after = settings.login_account_window_seconds
+    elif failures.address > settings.login_max_failures_per_address:
+        retry_after = settings.login_address_window_seconds
+    else:
+        retry_after = None
+    if retry_after is not None:
+        await crud.forget_login_attempt(session=session, attempt_id=attempt_id)
+        await session.commit()
         log.warning("login throttled", extra={"client_address": address})
-        retry_after = (
-            settings.login_account_window_seconds if failures else settings.login_address_window_seconds
-        )
-        raise AppError(
-            429, "Too many login attempts, try again later", headers={"Retry-After": str(retry_after)}
-        )
+        raise _too_many("Too many login attempts, try again later", retry_after)
+    excess = failures.account - settings.login_slowdown_after_failures
+    if excess > 0:
+        # Someone is guessing this account from many addresses: slow every check of it down (doubling per
+        # failure, capped) instead of locking its owner out.
+        await asyncio.sleep(min(settings.login_slowdown_max_seconds, 0.25 * 2 ** min(excess, 10)))
 
     user = await crud.get_user_by_email(session=session, email=email)
-    # bcrypt takes ~0.25 s of CPU: off the event loop, so other requests keep flowing meanwhile.
-    ok = await asyncio.to_thread(
-        verify_password, credentials.password, user.hashed_password if user else None
-    )
+    # bcrypt takes ~0.25 s of CPU: on the bounded bcrypt threads, so other requests keep flowing meanwhile.
+    ok = await hashing.verify(credentials.password, user.hashed_password if user else None)
     ok = ok and user is not None and user.is_active
-    await crud.record_attempt(session=session, email=email, address=address, succeeded=ok)
     if not ok:
         await session.commit()
         # Same message for unknown email, wrong password and inactive account.
         raise AppError(401, INVALID_LOGIN, "unauthorized", UNAUTHORIZED_HEADERS)
+    await crud.mark_login_succeeded(session=session, attempt_id=attempt_id)
     return await _issue_tokens(session=session, user=user, keys=keys, settings=settings)
 
 
