@@ -178,3 +178,12 @@ async def test_me_for_inactive_or_deleted_user_is_401(client, session):
     await session.exec(update(User).where(User.email == "ada@example.com").values(is_active=False))
     await session.commit()
     assert (await client.get("/users/me", headers=bearer(tokens["access_token"]))).status_code == 401
+
+
+async def test_oversized_bodies_are_refused_before_they_are_read(client):
+    payload = {"email": "big@example.com", "username": "big", "password": "x" * 20_000}
+    response = await client.post("/users/register", json=payload)
+    assert response.status_code == 413
+    assert response.json()["code"] == "payload_too_large"
+    response = await client.post("/users/login", content=b"{" + b" " * 17_000 + b"}")
+    assert response.status_code == 413

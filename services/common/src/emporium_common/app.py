@@ -13,6 +13,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from .auth import TokenVerifier, verifier_from_settings
+from .bodylimit import BodyLimitMiddleware
 from .config import Settings
 from .db import check_database, create_engine, create_sessionmaker
 from .errors import ErrorResponse, install_error_handlers
@@ -40,6 +41,7 @@ def create_app(
     check_broker: bool = False,
     token_verifier: TokenVerifier | None = None,
     lifespan: Lifespan | None = None,
+    body_limits: Mapping[str, int] | None = None,
 ) -> FastAPI:
     """Build a service's app.
 
@@ -47,6 +49,8 @@ def create_app(
       and the broker too when ``check_broker`` is true and ``AMQP_URL`` is set.
     - ``token_verifier``: what ``CurrentPrincipal`` uses; defaults to one fetching ``JWKS_URL`` (if set).
     - ``lifespan``: the service's own startup/shutdown (consumers, ...), run inside the common one.
+    - ``body_limits``: ``{"POST /users/login": 16384}``, bytes per route; other routes get
+      ``settings.max_body_bytes``. Larger bodies are refused with 413 before they are read.
     The engine is on ``app.state.engine``, the session factory on ``app.state.sessionmaker``.
     """
     configure_logging(settings.log_level, settings.service_name)
@@ -82,6 +86,7 @@ def create_app(
     app.state.readiness_checks = checks
 
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, default=settings.max_body_bytes, limits=body_limits)
     # Added last = outermost: the request id exists before metrics/logging/error handling run.
     app.add_middleware(MetricsMiddleware, service=settings.service_name)
     app.add_middleware(RequestIdMiddleware)

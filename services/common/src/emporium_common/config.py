@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     jwt_audience: str = "emporium"
     jwks_url: str | None = None
     jwks_cache_seconds: int = Field(default=300, ge=1)
+    # Largest request body a route takes unless create_app(body_limits=...) says otherwise (413 beyond).
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     otel_traces_exporter: Literal["none", "console", "otlp"] = "none"
     otel_exporter_otlp_endpoint: str | None = None

@@ -31,6 +31,15 @@ def load_keys(settings: UsersSettings) -> KeyRing:
 
 ADMIN_RETRY_SECONDS = 5.0
 
+# Anonymous routes take small bodies (an email, a username, a password of at most 72 bytes, a token): 16 KiB
+# is ample, and a 200 MB body is refused with 413 before it is read. Other routes: MAX_BODY_BYTES (64 KiB).
+BODY_LIMITS = {
+    "POST /users/register": 16 * 1024,
+    "POST /users/login": 16 * 1024,
+    "POST /users/refresh": 16 * 1024,
+    "POST /users/logout": 16 * 1024,
+}
+
 
 async def bootstrap_admin(app: FastAPI) -> None:
     settings: UsersSettings = app.state.settings
@@ -94,6 +103,7 @@ def build_app(settings: UsersSettings | None = None, keys: KeyRing | None = None
         title="Emporium users",
         token_verifier=verifier,
         lifespan=lifespan,
+        body_limits=BODY_LIMITS,
     )
     app.state.keys = keys
     # One client per configured provider: each caches its discovery document and key set.
