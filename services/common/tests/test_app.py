@@ -1,5 +1,6 @@
 """The app factory: probes, error shape, request ids, metrics, authentication."""
 
+import asyncio
 import json
 import time
 
@@ -16,7 +17,7 @@ from emporium_common import (
     require_role,
     testing,
 )
-from emporium_common.auth import InvalidToken, RemoteKeySet, StaticKeySet, TokenVerifier
+from emporium_common.auth import KeysUnavailable, RemoteKeySet, StaticKeySet, TokenVerifier
 from fastapi import APIRouter, Depends, FastAPI, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
@@ -342,7 +343,7 @@ async def test_remote_key_set_keeps_cached_keys_when_the_issuer_is_down():
     assert (await verifier.verify(issuer.token("2"))).sub == "2"
 
 
-async def test_remote_key_set_without_any_keys_rejects_tokens():
+async def test_remote_key_set_without_any_keys_is_unavailable_not_invalid():
     jwks_app = FastAPI()
 
     @jwks_app.get("/jwks")
@@ -351,5 +352,57 @@ async def test_remote_key_set_without_any_keys_rejects_tokens():
 
     keys = RemoteKeySet("http://users/jwks", transport=httpx.ASGITransport(app=jwks_app))
     verifier = TokenVerifier(keys, issuer=tokens.issuer, audience=tokens.audience)
-    with pytest.raises(InvalidToken):
+    with pytest.raises(KeysUnavailable):
         await verifier.verify(tokens.token())
+
+
+async def test_cold_pod_with_the_issuer_down_answers_503_not_401(common_database_url):
+    issuer_down = FastAPI()
+
+    @issuer_down.get("/jwks")
+    def jwks(response: Response) -> dict:
+        response.status_code = 503
+        return {}
+
+    keys = RemoteKeySet("http://users/jwks", transport=httpx.ASGITransport(app=issuer_down))
+    settings = Settings(service_name="demo", database_url=common_database_url)
+    app = create_app(
+        settings, [router], token_verifier=TokenVerifier(keys, issuer=tokens.issuer, audience=tokens.audience)
+    )
+    async with testing.app_client(app) as client:
+        response = await client.get("/me", headers=tokens.auth_header("1"))
+    assert response.status_code == 503
+    assert response.json()["code"] == "service_unavailable"
+    assert int(response.headers["retry-after"]) > 0
+
+
+async def test_stale_keys_are_served_while_one_refresh_runs_without_blocking_requests():
+    issuer = testing.TokenFactory()
+    slow, fetches = asyncio.Event(), []
+    jwks_app = FastAPI()
+
+    @jwks_app.get("/jwks")
+    async def jwks() -> dict:
+        fetches.append(1)
+        if len(fetches) > 1:
+            await slow.wait()  # the issuer hangs from the second fetch on
+        return issuer.jwks
+
+    keys = RemoteKeySet(
+        "http://users/jwks",
+        cache_seconds=0,  # stale at once
+        min_refresh_seconds=0,
+        timeout=30,
+        transport=httpx.ASGITransport(app=jwks_app),
+    )
+    verifier = TokenVerifier(keys, issuer=issuer.issuer, audience=issuer.audience)
+    assert (await verifier.verify(issuer.token("1"))).sub == "1"
+    # 20 concurrent requests while the refresh hangs: all answered from the cached keys, at once.
+    started = time.monotonic()
+    principals = await asyncio.wait_for(
+        asyncio.gather(*(verifier.verify(issuer.token(str(i))) for i in range(20))), timeout=5
+    )
+    assert [p.sub for p in principals] == [str(i) for i in range(20)]
+    assert time.monotonic() - started < 2
+    assert len(fetches) == 2  # one background refresh for all of them, not one each
+    slow.set()

@@ -71,12 +71,22 @@ class StaticKeySet(KeySource):
         return _find_key(jwks, kid)
 
 
-class RemoteKeySet(KeySource):
-    """A JWKS fetched over HTTP and cached for ``cache_seconds``.
+class KeysUnavailable(Exception):
+    """No key set could be had (a cold start with the issuer down): the caller should retry, not re-login."""
 
-    An unknown kid triggers one refetch (a new key was published), but at most every ``min_refresh_seconds``,
-    so tokens with made-up kids cannot turn this service into a load generator against the issuer. When a
-    refresh fails, the cached key set stays in use.
+
+class RemoteKeySet(KeySource):
+    """A JWKS fetched over HTTP: stale-while-revalidate, one fetch at a time, no lock held across it.
+
+    - Fresh (younger than ``cache_seconds``): served from memory.
+    - Stale: still served at once, while one background fetch refreshes it; a failed refresh keeps the
+      cached set (retried after ``min_refresh_seconds``) for up to ``max_stale_seconds``.
+    - An unknown kid waits for one refetch (a key was just published), at most every
+      ``min_refresh_seconds``, so made-up kids cannot turn this service into a load generator.
+    - Nothing cached yet (cold start): requests wait for the one shared fetch (``timeout``); if it fails,
+      ``KeysUnavailable`` (the API answers 503, not 401: the token may well be valid).
+    Concurrent callers share the fetch in flight (a task, not a lock): a slow issuer slows only the
+    requests that cannot be answered without it.
     """
 
     def __init__(
@@ -85,40 +95,69 @@ class RemoteKeySet(KeySource):
         *,
         cache_seconds: float = 300,
         min_refresh_seconds: float = 30,
+        max_stale_seconds: float = 24 * 3600,
         timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url, self.cache_seconds, self.min_refresh_seconds = url, cache_seconds, min_refresh_seconds
+        self.max_stale_seconds = max_stale_seconds
         self._timeout, self._transport = timeout, transport
         self._jwks: dict[str, Any] | None = None
-        self._fetched_at = float("-inf")
-        self._lock = asyncio.Lock()
+        self._fetched_at = float("-inf")  # when the cached set was fetched
+        self._attempted_at = float("-inf")  # when a fetch last started (successful or not)
+        self._inflight: asyncio.Task[None] | None = None
 
-    async def _refresh(self) -> None:
+    async def _fetch(self) -> None:
         async with httpx.AsyncClient(timeout=self._timeout, transport=self._transport) as client:
             response = await client.get(self.url)
             response.raise_for_status()
             data = response.json()
         if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-            raise InvalidToken("JWKS document has no 'keys' list")
+            raise ValueError("JWKS document has no 'keys' list")
         self._jwks, self._fetched_at = data, time.monotonic()
 
+    def _refresh(self) -> asyncio.Task[None]:
+        """The fetch in flight, or a new one (one at a time per key set)."""
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            self._attempted_at = time.monotonic()
+            task = asyncio.get_running_loop().create_task(self._fetch(), name="jwks-refresh")
+            task.add_done_callback(_log_refresh_failure)
+            self._inflight = task
+        return task
+
+    async def _wait_for_refresh(self) -> None:
+        # shield: a caller giving up (client gone, timeout) does not cancel the fetch others wait on.
+        try:
+            await asyncio.wait_for(asyncio.shield(self._refresh()), self._timeout + 1)
+        except Exception as exc:
+            log.warning("JWKS fetch from %s failed: %r", self.url, exc)
+
+    def _usable(self, now: float) -> bool:
+        return self._jwks is not None and now - self._fetched_at <= self.max_stale_seconds
+
     async def get_key(self, kid: str) -> jwt.PyJWK | None:
-        async with self._lock:
-            age = time.monotonic() - self._fetched_at
-            stale = self._jwks is None or age > self.cache_seconds
-            unknown_kid = self._jwks is not None and _find_key(self._jwks, kid) is None
-            if stale or (unknown_kid and age > self.min_refresh_seconds):
-                try:
-                    await self._refresh()
-                except (httpx.HTTPError, ValueError, InvalidToken) as exc:
-                    if self._jwks is None:
-                        raise
-                    # The issuer is down: keep verifying with the keys we have (they were valid minutes
-                    # ago) and try again after min_refresh_seconds rather than on every request.
-                    log.warning("JWKS refresh failed, using the cached key set: %r", exc)
-                    self._fetched_at = time.monotonic() - self.cache_seconds + self.min_refresh_seconds
-            return _find_key(self._jwks or {}, kid)
+        now = time.monotonic()
+        # Without keys every request fails: retry the issuer soon (every 2 s at most), not after 30 s.
+        interval = self.min_refresh_seconds if self._usable(now) else min(2.0, self.min_refresh_seconds)
+        may_refetch = now - self._attempted_at > interval
+        if not self._usable(now):
+            if may_refetch or (self._inflight is not None and not self._inflight.done()):
+                await self._wait_for_refresh()
+            if not self._usable(time.monotonic()):
+                raise KeysUnavailable(f"no key set from {self.url}")
+        elif now - self._fetched_at > self.cache_seconds and may_refetch:
+            self._refresh()  # stale: answer with what we have, refresh in the background
+        key = _find_key(self._jwks or {}, kid)
+        if key is None and may_refetch:
+            await self._wait_for_refresh()  # perhaps a key published since our last fetch
+            key = _find_key(self._jwks or {}, kid)
+        return key
+
+
+def _log_refresh_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("JWKS refresh failed, keeping the cached key set: %r", task.exception())
 
 
 def _find_key(jwks: dict[str, Any], kid: str) -> jwt.PyJWK | None:
@@ -147,10 +186,7 @@ class TokenVerifier:
             raise InvalidToken(f"algorithm {alg!r} not allowed")
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("token has no kid")
-        try:
-            key = await self.keys.get_key(kid)
-        except (httpx.HTTPError, ValueError) as exc:
-            raise InvalidToken(f"key set unavailable: {exc!r}") from exc
+        key = await self.keys.get_key(kid)  # KeysUnavailable propagates: not the token's fault
         if key is None:
             raise InvalidToken(f"unknown kid {kid!r}")
         # The key's own algorithm wins over the header's: a key is used with exactly one algorithm.
@@ -199,8 +235,16 @@ async def get_principal(
     except InvalidToken as exc:
         log.info("token rejected: %s", exc)
         raise unauthorized() from None
+    except KeysUnavailable as exc:
+        log.warning("cannot verify tokens: %s", exc)
+        raise keys_unavailable() from None
     request.state.principal = principal
     return principal
+
+
+def keys_unavailable() -> AppError:
+    """503: the token may be valid, but the issuer's keys cannot be had right now (retry, do not re-login)."""
+    return AppError(503, "Cannot verify tokens right now", "service_unavailable", {"Retry-After": "5"})
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

@@ -25,6 +25,8 @@ class NotificationsSettings(Settings):
     # Failed handling is retried through this exchange (a delay queue), without holding the consumer;
     # empty: retry in place (the message is held while waiting).
     events_retry_exchange: str = "notifications.retry"
+    # Open notification websockets per user and replica (a new one beyond is closed with 4429).
+    websocket_max_per_user: int = Field(default=5, ge=1, le=100)
     # Background work (consumer, mailer, websocket fan-out listener) runs in the API process.
     background_workers: bool = True
 

@@ -29,6 +29,9 @@ class Hub:
     def __init__(self) -> None:
         self._sockets: dict[str, set[WebSocket]] = defaultdict(set)
 
+    def count(self, user_id: str) -> int:
+        return len(self._sockets.get(user_id, ()))
+
     def add(self, user_id: str, websocket: WebSocket) -> None:
         self._sockets[user_id].add(websocket)
         CONNECTIONS.inc()

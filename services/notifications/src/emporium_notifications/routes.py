@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Annotated, Literal
 
 from emporium_common import CurrentPrincipal, ErrorResponse, SessionDep, require_role
-from emporium_common.auth import InvalidToken
+from emporium_common.auth import LEEWAY_SECONDS, InvalidToken, KeysUnavailable
 from emporium_common.domain import MAX_INT
 from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket, WebSocketDisconnect
 
@@ -88,9 +89,19 @@ def _token_from(websocket: WebSocket) -> str | None:
     return None
 
 
+# Close codes (4000-4999 are the application's): the client should get a new token and reconnect, or
+# close another of its sockets first.
+CLOSE_TOKEN_EXPIRED = 4401
+CLOSE_TOO_MANY_SOCKETS = 4429
+CLOSE_TRY_AGAIN_LATER = 1013  # the issuer's keys cannot be had right now
+
+
 async def notifications_socket(websocket: WebSocket) -> None:
     """Authenticated with the same JWT (``?token=``, ``Authorization: Bearer`` or the ``bearer``
-    subprotocol); delivers only the caller's own events. Messages as in the older API."""
+    subprotocol); delivers only the caller's own events. Messages as in the older API.
+
+    The socket is closed with 4401 "Token expired" when the token expires (the same leeway as HTTP), and
+    a user may hold at most ``WEBSOCKET_MAX_PER_USER`` sockets per replica (4429 beyond)."""
     token = _token_from(websocket)
     verifier = websocket.app.state.token_verifier
     try:
@@ -100,19 +111,31 @@ async def notifications_socket(websocket: WebSocket) -> None:
     except InvalidToken:
         await websocket.close(code=1008, reason="Not authenticated")
         return
+    except KeysUnavailable:
+        await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Cannot verify tokens right now")
+        return
     subprotocol = (
         "bearer" if "bearer" in websocket.headers.get("sec-websocket-protocol", "").lower() else None
     )
     await websocket.accept(subprotocol=subprotocol)
     hub = websocket.app.state.hub
+    if hub.count(principal.sub) >= websocket.app.state.settings.websocket_max_per_user:
+        await websocket.close(code=CLOSE_TOO_MANY_SOCKETS, reason="Too many sockets for this user")
+        return
     hub.add(principal.sub, websocket)
+    expires_in = float(principal.claims["exp"]) + LEEWAY_SECONDS - time.time()
     try:
-        await websocket.send_json({"type": "connected", "message": "Connected to notifications"})
-        while True:
-            raw = await websocket.receive_text()
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                if json.loads(raw).get("type") == "ping":
-                    await websocket.send_json({"type": "pong"})
+        async with asyncio.timeout(max(expires_in, 0)):
+            await websocket.send_json({"type": "connected", "message": "Connected to notifications"})
+            while True:
+                raw = await websocket.receive_text()
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    if json.loads(raw).get("type") == "ping":
+                        await websocket.send_json({"type": "pong"})
+    except TimeoutError:
+        hub.remove(principal.sub, websocket)  # no more pushes to it
+        with contextlib.suppress(Exception):
+            await websocket.close(code=CLOSE_TOKEN_EXPIRED, reason="Token expired")
     except (WebSocketDisconnect, RuntimeError, asyncio.CancelledError):
         pass
     finally:
