@@ -76,7 +76,9 @@ def render_cases() -> list[tuple[str, str, list[str]]]:
     """(case id, chart, helm args): every chart with its defaults, and each skaffold profile's releases."""
     cases = [(f"{chart}-defaults", chart, []) for chart in APP_CHARTS]
     cases.append(("emporium-inline-jwks", "emporium", list(INLINE_JWKS_ARGS)))
-    cases.append(("emporium-customer-order-status", "emporium", ["--set", "auth.orderStatusRequiresAdmin=false"]))
+    cases.append(
+        ("emporium-customer-order-status", "emporium", ["--set", "auth.orderStatusRequiresAdmin=false"])
+    )
     # The local platform's values (make up), as emporium_testbed.platform passes them.
     local = [
         "-f",
@@ -459,3 +461,24 @@ def test_istio_add_ons_render_with_our_values(helm, kubeconform, schema_location
     for location in schema_locations:
         cmd += ["-schema-location", location]
     assert "Invalid: 0, Errors: 0" in run([*cmd, str(path)]).stdout
+
+
+def test_ingress_bounds_request_bodies(render) -> None:
+    objects = render("emporium")
+    (limit,) = [o for o in objects if o["kind"] == "EnvoyFilter"]
+    assert limit["metadata"]["namespace"] == "istio-system"
+    assert limit["spec"]["workloadSelector"]["labels"] == {"istio": "ingressgateway"}
+    insert, exempt = limit["spec"]["configPatches"]
+    buffer = insert["patch"]["value"]
+    assert buffer["name"] == "envoy.filters.http.buffer"
+    assert buffer["typed_config"]["max_request_bytes"] == 1048576
+    # The websocket route is exempt (an upgraded stream never ends); it must be the VirtualService's.
+    (virtual_service,) = [o for o in objects if o["kind"] == "VirtualService"]
+    websocket_route = exempt["match"]["routeConfiguration"]["vhost"]["route"]["name"]
+    route = next(r for r in virtual_service["spec"]["http"] if r["name"] == websocket_route)
+    assert route["match"][0]["uri"] == {"exact": "/ws/notifications"}
+    per_route = exempt["patch"]["value"]["typed_per_filter_config"]["envoy.filters.http.buffer"]
+    assert per_route["disabled"] is True
+    assert not [
+        o for o in render("emporium", "--set", "ingress.maxRequestBodyBytes=0") if o["kind"] == "EnvoyFilter"
+    ]
