@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ensures the pinned toolchain (kube-apiserver, kube-controller-manager, kubectl, etcd, helm, kubeconform,
-# skaffold, istio's pilot-discovery and pilot-agent) and prints the bin directory on its last line.
+# skaffold, istio's pilot-discovery and pilot-agent, postgres_exporter, the OpenTelemetry Collector and
+# Jaeger) and prints the bin directory on its last line.
 #
 # Binaries are built from the Go module proxy into ~/.cache/emporium/toolchain/bin (override with
 # EMPORIUM_CACHE) and reused by every clone on the machine: only the first run pays for the build.
@@ -43,6 +44,9 @@ version_of() {
     kubeconform) "$2" -v 2>/dev/null ;;
     pilot-discovery | pilot-agent) "$2" version --short 2>/dev/null | sed -n "s/^client version: //p" ;;
     skaffold) "$2" version 2>/dev/null ;;
+    postgres_exporter) "$2" --version 2>&1 | awk '/version/ {print "v" $3; exit}' ;;
+    otelcol) "$2" --version 2>/dev/null | awk '{print "v" $NF}' ;;
+    jaeger) "$2" version 2>/dev/null | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p' ;;
   esac
 }
 
@@ -54,6 +58,9 @@ pin_of() {
     kubeconform) echo "$KUBECONFORM_VERSION" ;;
     skaffold) echo "$SKAFFOLD_VERSION" ;;
     pilot-discovery | pilot-agent) echo "$ISTIO_VERSION" ;;
+    postgres_exporter) echo "$POSTGRES_EXPORTER_VERSION" ;;
+    otelcol) echo "$OTELCOL_VERSION" ;;
+    jaeger) echo "$JAEGER_VERSION" ;;
     *) log "unknown tool $1"; exit 2 ;;
   esac
 }
@@ -75,7 +82,7 @@ adopt() {
 }
 
 go_build() { # go_build MODULE_DIR OUTPUT PACKAGE TAGS LDFLAGS
-  (cd "$here/$1" && go build -trimpath -tags "$4" -ldflags "-s -w $5" -o "$bin/$2" "$3")
+  (cd "$here/$1" && nice -n 10 go build -trimpath -tags "$4" -ldflags "-s -w $5" -o "$bin/$2" "$3")
 }
 
 kube_ldflags() {
@@ -112,6 +119,14 @@ build() {
       go_build istio pilot-discovery istio.io/istio/pilot/cmd/pilot-discovery "vtprotobuf,disable_pgv" "$(istio_ldflags)" ;;
     pilot-agent)
       go_build istio pilot-agent istio.io/istio/pilot/cmd/pilot-agent "agent,disable_pgv,grpcnotrace,retrynotrace" "$(istio_ldflags)" ;;
+    postgres_exporter)
+      go_build postgres_exporter postgres_exporter github.com/prometheus-community/postgres_exporter/cmd/postgres_exporter "" \
+        "-X github.com/prometheus/common/version.Version=${POSTGRES_EXPORTER_VERSION#v}" ;;
+    otelcol) # our own main.go: only the OTLP receiver, the batch processor and the OTLP exporter
+      go_build otelcol otelcol . "" "-X main.version=${OTELCOL_VERSION#v}" ;;
+    jaeger) # Jaeger v2 (an OpenTelemetry Collector distribution): 10-20 min on 2 cores, once per machine
+      go_build jaeger jaeger github.com/jaegertracing/jaeger/cmd/jaeger "" \
+        "-X github.com/jaegertracing/jaeger/internal/version.latestVersion=$JAEGER_VERSION" ;;
   esac
 }
 
@@ -142,7 +157,7 @@ ensure() {
 tools=("$@")
 # Default: everything `make test` and `make up` use (the first run on a machine builds it all, later runs
 # reuse it): the control plane, kubectl, helm, kubeconform and skaffold (chart tests), istiod and pilot-agent
-# (the local ingress).
+# (the local ingress). postgres_exporter, otelcol and jaeger are built on request (`build.sh jaeger`).
 [ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm kubeconform skaffold \
   pilot-discovery pilot-agent)
 for t in "${tools[@]}"; do ensure "$t"; done

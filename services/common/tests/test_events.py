@@ -189,3 +189,46 @@ async def test_a_retry_waits_in_the_delay_queue_not_in_the_consumer(rabbitmq, qu
     slow = handled["slow.event"]
     assert len(slow) == 3 and slow[1] - slow[0] >= 0.4  # it did wait (in the delay queue)
     assert await _dlq_count(dlq, 0, timeout=0) == 0
+
+
+async def test_trace_context_crosses_the_broker(rabbitmq, queue_with_dlq):
+    """The relay publishes outside the request that created the event: its producer span still joins
+    that request's trace (the envelope's traceparent), and the consumer's span continues from the publish
+    span (the message headers), so one trace runs from the request to the handler."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    spans = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    name, _, _ = queue_with_dlq
+    handled: list = []
+    done = asyncio.Event()
+
+    async def handler(envelope):
+        handled.append(trace.get_current_span().get_span_context())
+        done.set()
+
+    with provider.get_tracer("test").start_as_current_span("POST /things") as request:
+        envelope = build_envelope("thing.happened", {})
+    consumer = EventConsumer(rabbitmq.amqp_url, f"{name}.events", handler)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(consumer.connected.wait(), 10)
+        await _publish(rabbitmq, name, envelope)  # like the relay: no span is current here
+        await asyncio.wait_for(done.wait(), 20)
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    produced, consumed = finished[f"{name} publish"], finished[f"{name}.events process"]
+    trace_id = request.get_span_context().trace_id
+    assert produced.context.trace_id == consumed.context.trace_id == handled[0].trace_id == trace_id
+    assert produced.parent.span_id == request.get_span_context().span_id
+    assert consumed.parent.span_id == produced.context.span_id
+    assert produced.kind == trace.SpanKind.PRODUCER and consumed.kind == trace.SpanKind.CONSUMER

@@ -28,7 +28,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -173,18 +173,51 @@ async def publish(exchange: AbstractExchange, envelope: Envelope, *, timeout: fl
     ``PublishError`` on a channel with ``on_return_raises``) when no queue is bound for the event's type:
     the caller (the outbox relay) keeps the event.
     """
-    try:
-        confirmation = await exchange.publish(
-            to_message(envelope), routing_key=envelope.type, mandatory=True, timeout=timeout
-        )
-        if confirmation is not None and not isinstance(confirmation, Basic.Ack):
-            raise UnroutableEventError(
-                f"{envelope.type} was returned by the broker: no queue is bound for it"
+    message = to_message(envelope)
+    with _producer_span(envelope, exchange.name) as headers:
+        message.headers.update(headers)  # the publish span's context: the consumer continues from it
+        try:
+            confirmation = await exchange.publish(
+                message, routing_key=envelope.type, mandatory=True, timeout=timeout
             )
-    except Exception:
-        EVENTS_PUBLISH_FAILURES.labels(envelope.type).inc()
-        raise
+            if confirmation is not None and not isinstance(confirmation, Basic.Ack):
+                raise UnroutableEventError(
+                    f"{envelope.type} was returned by the broker: no queue is bound for it"
+                )
+        except Exception:
+            EVENTS_PUBLISH_FAILURES.labels(envelope.type).inc()
+            raise
     EVENTS_PUBLISHED.labels(envelope.type).inc()
+
+
+@contextlib.contextmanager
+def _producer_span(envelope: Envelope, exchange: str) -> Iterator[dict[str, str]]:
+    """A producer span in the trace of the request that created the event (the envelope's traceparent:
+    the outbox relay publishes later, outside that request); yields the headers that carry it on."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.propagate import extract, inject
+    except ImportError:  # pragma: no cover
+        yield {}
+        return
+    parent = extract({"traceparent": envelope.traceparent}) if envelope.traceparent else None
+    with trace.get_tracer("emporium.events").start_as_current_span(
+        f"{exchange} publish",
+        context=parent,
+        kind=trace.SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": exchange,
+            "messaging.rabbitmq.destination.routing_key": envelope.type,
+            "messaging.message.id": str(envelope.id),
+            "emporium.correlation_id": envelope.correlation_id or "",
+        },
+    ) as span:
+        headers: dict[str, str] = {}
+        if span.get_span_context().is_valid:
+            inject(headers)
+        yield headers
 
 
 def backoff_delay(attempt: int, base: float = 0.5, maximum: float = 30.0) -> float:
@@ -217,14 +250,20 @@ def delivery_attempt(message: AbstractIncomingMessage) -> int:
 Handler = Callable[[Envelope], Awaitable[None]]
 
 
-def _consumer_span(envelope: Envelope, queue: str, attempt: int) -> contextlib.AbstractContextManager[Any]:
-    """A consumer span continuing the publisher's trace (the envelope's traceparent), when tracing is on."""
+def _consumer_span(
+    envelope: Envelope, queue: str, attempt: int, headers: dict[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """A consumer span continuing the publisher's trace, when tracing is on: the message headers' context
+    (the publish span), else the envelope's traceparent (the request that created the event)."""
     try:
         from opentelemetry import trace
         from opentelemetry.propagate import extract
     except ImportError:  # pragma: no cover
         return contextlib.nullcontext()
-    parent = extract({"traceparent": envelope.traceparent}) if envelope.traceparent else None
+    carrier = {k: str(v) for k, v in (headers or {}).items() if k in ("traceparent", "tracestate")}
+    if "traceparent" not in carrier and envelope.traceparent:
+        carrier = {"traceparent": envelope.traceparent}
+    parent = extract(carrier) if carrier else None
     return trace.get_tracer("emporium.events").start_as_current_span(
         f"{queue} process",
         context=parent,
@@ -302,10 +341,15 @@ class EventConsumer:
         attempt = delivery_attempt(message)
         try:
             with (
-                _consumer_span(envelope, self.queue_name, attempt),
+                _consumer_span(envelope, self.queue_name, attempt, dict(message.headers or {})),
                 EVENT_HANDLING_SECONDS.labels(self.queue_name, envelope.type).time(),
             ):
                 await self.handler(envelope)
+                log.info(  # inside the consumer span: the line carries the event's trace id
+                    "handled %s",
+                    envelope.type,
+                    extra={"event_id": str(envelope.id), "queue": self.queue_name, "attempt": attempt},
+                )
         except PermanentEventError as exc:
             log.warning(
                 "dead-lettering an event its handler refused",

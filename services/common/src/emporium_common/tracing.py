@@ -1,7 +1,9 @@
 """OpenTelemetry tracing, off by default (``OTEL_TRACES_EXPORTER=none``).
 
 ``console`` prints spans (debugging); ``otlp`` sends them over OTLP/HTTP to ``OTEL_EXPORTER_OTLP_ENDPOINT``.
-Incoming ``traceparent`` headers are honoured by the FastAPI instrumentation: spans join the caller's trace.
+Incoming ``traceparent`` headers are honoured by the FastAPI instrumentation: spans join the caller's trace
+(at the edge, the ingress gateway's Envoy starts it). Outgoing httpx calls carry the context on (the httpx
+instrumentation), and events carry it through RabbitMQ in their message headers (emporium_common.events).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def setup_tracing(app: FastAPI, settings: Settings) -> bool:
         _provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(_provider)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
     FastAPIInstrumentor.instrument_app(app, tracer_provider=_provider, excluded_urls="healthz,readyz,metrics")
+    if not HTTPXClientInstrumentor().is_instrumented_by_opentelemetry:
+        HTTPXClientInstrumentor().instrument(tracer_provider=_provider)
     return True

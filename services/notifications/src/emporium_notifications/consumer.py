@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -19,7 +20,7 @@ _N = Notification.__table__  # type: ignore[attr-defined]
 _P = ProcessedEvent.__table__  # type: ignore[attr-defined]
 
 
-def make_handler(engine: AsyncEngine, on_stored: Callable[[], None] = lambda: None):
+def make_handler(engine: AsyncEngine, on_stored: Callable[[uuid.UUID], None] = lambda _: None):
     async def handle(envelope: Envelope) -> None:
         rendered = render(envelope)  # PermanentEventError for malformed data -> dead letter
         async with engine.begin() as conn:
@@ -64,7 +65,7 @@ def make_handler(engine: AsyncEngine, on_stored: Callable[[], None] = lambda: No
                     "timestamp": datetime.now(UTC).isoformat(),
                 }
                 await conn.execute(sa.select(sa.func.pg_notify(CHANNEL, json.dumps(payload)[:7000])))
-        on_stored()
+        on_stored(envelope.id)
 
     return handle
 

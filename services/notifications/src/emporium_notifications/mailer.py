@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import parseaddr
 
 import aiosmtplib
 import sqlalchemy as sa
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -29,6 +32,7 @@ EMAILS = Counter("emporium_notifications_emails_total", "Email send attempts by 
 PENDING = Gauge("emporium_notifications_pending", "Notifications waiting to be (re)sent")
 
 _T = Notification.__table__  # type: ignore[attr-defined]
+_TRACER = trace.get_tracer("emporium.notifications.mailer")
 
 
 def build_message(settings: NotificationsSettings, row: sa.Row) -> EmailMessage:
@@ -53,8 +57,17 @@ class Mailer:
         self.engine, self.settings, self.batch_size = engine, settings, batch_size
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._traces: dict[uuid.UUID, otel_context.Context] = {}
 
-    def kick(self) -> None:
+    def kick(self, event_id: uuid.UUID | None = None) -> None:
+        """Wake the loop; with the id of the event just stored, its email's send span joins the trace
+        being handled now (the consumer's), so one trace runs from the order to the email."""
+        if event_id is not None:
+            current = otel_context.get_current()
+            if trace.get_current_span(current).get_span_context().is_valid:
+                self._traces[event_id] = current
+                while len(self._traces) > 1000:  # bounded: emails that never go out do not pile up
+                    self._traces.pop(next(iter(self._traces)))
         self._wake.set()
 
     def stop(self) -> None:
@@ -109,7 +122,14 @@ class Mailer:
                 return None
             attempts = row.attempts + 1
             try:
-                await self.send(build_message(self.settings, row))
+                with _TRACER.start_as_current_span(
+                    "smtp send",
+                    context=self._traces.pop(row.event_id, None),
+                    kind=trace.SpanKind.CLIENT,
+                    attributes={"emporium.notification.id": row.id, "emporium.notification.type": row.type},
+                ):
+                    await self.send(build_message(self.settings, row))
+                    log.info("email sent", extra={"notification_id": row.id, "event_id": str(row.event_id)})
             except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
                 final = attempts >= self.settings.mail_max_attempts or isinstance(exc, ValueError)
                 EMAILS.labels("failed" if final else "retry").inc()
