@@ -15,6 +15,7 @@ from emporium_common import testing
 from emporium_users.main import build_app
 from emporium_users.oidc import LoginRefused
 from emporium_users.oidc_config import OIDCProvider
+from sqlalchemy import text
 
 from .conftest import bearer, login, register
 
@@ -121,7 +122,7 @@ async def test_start_uses_pkce_state_and_nonce(client, oidc_provider):
     assert "emporium_oidc" in client.cookies
 
 
-async def test_sign_up_then_sign_in_again(client, oidc_provider, caplog):
+async def test_sign_up_then_sign_in_again(client, session, oidc_provider, caplog):
     caplog.set_level(logging.INFO)
     sub, email = new_sub(), f"{secrets.token_hex(4)}@example.com"
     claims = {"email": email, "email_verified": True, "preferred_username": "grace"}
@@ -132,6 +133,18 @@ async def test_sign_up_then_sign_in_again(client, oidc_provider, caplog):
     assert account["email"] == email
     assert account["username"].startswith("grace")
     assert account["roles"] == ["customer"]
+
+    # Welcomed like a registration: one user.registered, through the outbox.
+    events = (
+        await session.exec(
+            text("SELECT type, payload FROM outbox WHERE payload->'data'->>'email' = :email").bindparams(
+                email=email
+            )
+        )
+    ).all()
+    assert [(kind, payload["data"]["user_id"]) for kind, payload in events] == [
+        ("user.registered", str(account["id"]))
+    ]
 
     again = await tokens_for(client, await sign_in(client, oidc_provider, sub, claims))
     assert (await me(client, again))["id"] == account["id"]
