@@ -153,6 +153,10 @@ PUBLIC = [
     ("GET", "/.well-known/jwks.json"),
     ("GET", "/.well-known/openid-configuration"),
     ("GET", "/health"),
+    ("GET", "/auth/oidc/providers"),
+    ("GET", "/auth/oidc/google/start"),
+    ("GET", "/auth/oidc/google/callback?code=c&state=s"),
+    ("POST", "/auth/oidc/token"),
 ]
 NEEDS_TOKEN = [
     ("GET", "/users/me"),
@@ -163,6 +167,7 @@ NEEDS_TOKEN = [
     ("GET", "/notifications"),
     ("GET", "/notifications/3"),
     ("GET", "/ws/notifications"),
+    ("POST", "/auth/oidc/google/link"),
 ]
 ADMIN_ONLY = [
     ("POST", "/products"),
@@ -236,6 +241,8 @@ def test_routes_go_to_the_owning_service_without_rewrites(edge) -> None:
         "/users/me": "users",
         "/.well-known/jwks.json": "users",
         "/health": "users",
+        "/auth/oidc/google/callback": "users",
+        "/auth/oidc": None,
         "/products": "products",
         "/products/1": "products",
         "/orders": "orders",

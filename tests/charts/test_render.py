@@ -263,7 +263,7 @@ def secret_refs(objects: list[dict]):
                 if ref:
                     yield where, ref["name"], ref["key"]
         for volume in spec.get("volumes", []):
-            if "secret" in volume:
+            if "secret" in volume and not volume["secret"].get("optional"):
                 yield where, volume["secret"]["secretName"], None
 
 
@@ -278,6 +278,36 @@ def test_every_referenced_secret_has_a_source(render) -> None:
         assert name in sources, f"{where} reads Secret {name}, which nothing creates"
         if key:
             assert key in sources[name], f"{where} reads key {key} of {name}; it has {sorted(sources[name])}"
+
+
+def test_users_oidc_providers_from_values_and_a_secret(render) -> None:
+    google = {
+        "name": "google",
+        "displayName": "Google",
+        "issuer": "https://accounts.google.com",
+        "clientId": "123.apps.googleusercontent.com",
+        "autoLinkVerifiedEmail": True,
+    }
+    objects = render(
+        "emporium",
+        "--set-json",
+        f"users.oidc.providers=[{json.dumps(google)}]",
+        "--set",
+        "users.oidc.clientSecrets.google=GOCSPX-test,users.oidc.redirectBaseUrl=https://shop.example.com",
+    )
+    users = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "users")
+    spec = users["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert json.loads(env["OIDC_PROVIDERS"]) == [google]  # no secret in the environment
+    assert env["OIDC_REDIRECT_BASE_URL"] == "https://shop.example.com"
+    assert env["OIDC_CLIENT_SECRETS_DIR"] == "/var/run/secrets/emporium/oidc"
+    assert "GOCSPX" not in json.dumps(users)
+    volume = next(v for v in spec["volumes"] if v["name"] == "oidc-client-secrets")
+    assert volume["secret"]["secretName"] == "users-oidc"
+    secret = next(o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "users-oidc")
+    assert secret["stringData"] == {"google": "GOCSPX-test"}
+    # Without client secrets in values there is no Secret (bring your own; the volume is optional).
+    assert not any(o["metadata"]["name"] == "users-oidc" for o in render("emporium") if o["kind"] == "Secret")
 
 
 def test_service_environment_matches_contract(render) -> None:

@@ -29,9 +29,13 @@ async def test_up_status_down_across_commands(testbed_dir):
         state = json.loads((root / "state.json").read_text())
         assert (root / "state.json").stat().st_mode & 0o777 == 0o600
         assert (root / "kubeconfig").exists()
-        assert {"kube-apiserver.log", "postgres.log", "rabbitmq.log", "smtp-sink.log"} <= {
-            p.name for p in (root / "logs").iterdir()
-        }
+        assert {
+            "kube-apiserver.log",
+            "postgres.log",
+            "rabbitmq.log",
+            "smtp-sink.log",
+            "mock-oauth2-server.log",
+        } <= {p.name for p in (root / "logs").iterdir()}
 
         # A second `up` is a no-op: same processes, same data.
         pids_before = [p.read_text() for p in sorted(root.rglob("*.pid")) if p.name != "rabbitmq.pid"]
@@ -41,7 +45,7 @@ async def test_up_status_down_across_commands(testbed_dir):
 
         status = run(root, "status")
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("running") == 4
+        assert status.stdout.count("running") == 5
 
         servers = LocalServers(root)  # a fresh object, as a later command would build it
         conn = await asyncpg.connect(servers.postgres.admin_dsn)

@@ -1,5 +1,5 @@
-"""The local platform's long-lived servers: the same control plane, Postgres, RabbitMQ and SMTP sink as the
-test bed, kept running between commands.
+"""The local platform's long-lived servers: the same control plane, Postgres, RabbitMQ, SMTP sink and OpenID
+provider as the test bed, kept running between commands.
 
 State (ports, generated passwords, node name) is written once to ``<root>/state.json`` (mode 0600) so
 that every later ``up`` finds the same servers and data, and ``down``/``status`` can reach processes an
@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .controlplane import ControlPlane
+from .oidc import MockOIDCProvider
 from .postgres import PostgresServer
 from .process import ManagedProcess, free_port, port_open
 from .rabbitmq import RabbitMQServer
 from .toolchain import REPO_ROOT
 
 DEFAULT_ROOT = REPO_ROOT / ".local"
+OIDC_ISSUER_ID = "emporium"  # the local provider's issuer: http://127.0.0.1:<oidc_port>/emporium
 
 
 def _new_state() -> dict:
@@ -42,6 +44,7 @@ def _new_state() -> dict:
         "rabbitmq_password": secrets.token_urlsafe(18),
         "rabbitmq_node": f"emporium-{secrets.token_hex(4)}@localhost",
         "smtp_port": free_port(),
+        "oidc_port": free_port(),
     }
 
 
@@ -101,9 +104,22 @@ class LocalServers:
             pid_path=self.root / "run" / "smtp-sink.pid",
         )
 
+        # A real OpenID provider for "sign in with ..." (the users chart's provider "mock" on make up).
+        self.oidc = MockOIDCProvider(
+            data / "oidc",
+            port=s["oidc_port"],
+            pid_path=self.root / "run" / "oidc-provider.pid",
+            log_dir=self.logs,
+        )
+
     def _load_state(self) -> dict:
         if self.state_path.exists():
-            return json.loads(self.state_path.read_text())
+            state = json.loads(self.state_path.read_text())
+            missing = {k: v for k, v in _new_state().items() if k not in state}
+            if missing:  # a platform made before a component was added: keep what it has, add the rest
+                state.update(missing)
+                self.state_path.write_text(json.dumps(state, indent=2))
+            return state
         self.root.mkdir(parents=True, exist_ok=True)
         state = _new_state()
         self.state_path.write_text(json.dumps(state, indent=2))
@@ -129,8 +145,12 @@ class LocalServers:
         if not self.smtp.running():
             self.smtp.start()
             self.smtp.wait_ready(lambda: port_open("127.0.0.1", self.smtp_port), 30)
+        if not (self.oidc.running() and _safe(self.oidc.ready)):
+            self.oidc.stop()
+            self.oidc.start()
 
     def down(self) -> None:
+        self.oidc.stop()
         self.smtp.stop()
         self.rabbitmq.stop()
         self.postgres.stop()
@@ -151,6 +171,7 @@ class LocalServers:
             Component(
                 "smtp sink", self.smtp.running(), f"127.0.0.1:{self.smtp_port}, mail in {self.maildir}"
             ),
+            Component("oidc provider", self.oidc.running(), f"issuer {self.oidc.issuer(OIDC_ISSUER_ID)}"),
         ]
 
 

@@ -101,12 +101,17 @@ class MockOIDCProvider:
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     pid_path: Path | None = None
+    log_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir)
-        self.log_path = self.base_dir / "mock-oauth2-server.log"
-        self._process: ManagedProcess | None = None
-        self._lock = threading.Lock()
+        self.log_path = (self.log_dir or self.base_dir) / "mock-oauth2-server.log"
+        config = {"interactiveLogin": True, "httpServer": "NettyWrapper"}
+        env = {"SERVER_HOSTNAME": self.host, "SERVER_PORT": str(self.port), "JSON_CONFIG": json.dumps(config)}
+        # argv is filled in at start (finding the jars may mean fetching them); stop works from any process.
+        self.process = ManagedProcess(
+            "mock-oauth2-server", [], self.log_path, env=env, cwd=self.base_dir, pid_path=self.pid_path
+        )
 
     @property
     def url(self) -> str:
@@ -133,23 +138,10 @@ class MockOIDCProvider:
 
     def start(self, timeout: float = 90) -> MockOIDCProvider:
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        config = {"interactiveLogin": True, "httpServer": "NettyWrapper"}
-        env = {
-            "SERVER_HOSTNAME": self.host,
-            "SERVER_PORT": str(self.port),
-            "JSON_CONFIG": json.dumps(config),
-        }
-        self._process = ManagedProcess(
-            "mock-oauth2-server",
-            self._argv(),
-            self.log_path,
-            env=env,
-            cwd=self.base_dir,
-            pid_path=self.pid_path,
-        )
-        self._process.start()
+        self.process.argv = self._argv()
+        self.process.start()
         try:
-            self._process.wait_ready(self.ready, timeout)
+            self.process.wait_ready(self.ready, timeout)
         except BaseException:
             self.stop()
             raise
@@ -162,11 +154,10 @@ class MockOIDCProvider:
             return response.status == 200
 
     def running(self) -> bool:
-        return self._process is not None and self._process.running()
+        return self.process.running()
 
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop(timeout=10)
+        self.process.stop(timeout=10)
 
     def sign_in(self, authorize_url: str, username: str, claims: dict | None = None) -> str:
         """Play the browser at the provider's login page: submit ``username`` (the ``sub``) and extra ID token

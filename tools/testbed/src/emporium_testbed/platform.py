@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from .ingress import GATEWAY_NAMESPACE, LocalIngress
-from .local import DEFAULT_ROOT, LocalServers
+from .local import DEFAULT_ROOT, OIDC_ISSUER_ID, LocalServers
 from .process import ManagedProcess, StartupError, free_port, port_open
 from .toolchain import REPO_ROOT, tool
 from .workloads import LocalContainer, container_process
@@ -176,7 +176,20 @@ class LocalPlatform:
             str(LOCAL_VALUES),
             "--set",
             f"notifications.env.SMTP_HOST=127.0.0.1,notifications.env.SMTP_PORT={self.servers.smtp_port}",
+            # "Sign in with" the local OpenID provider (any name and claims on its login page: a lab only).
+            "--set-json",
+            "users.oidc.providers=" + json.dumps([self.oidc_provider()]),
+            "--set",
+            f"users.oidc.redirectBaseUrl={self.ingress.url},users.oidc.cookieSecure=false",
         )
+
+    def oidc_provider(self) -> dict:
+        return {
+            "name": "mock",
+            "displayName": "Test ID (local)",
+            "issuer": self.servers.oidc.issuer(OIDC_ISSUER_ID),
+            "clientId": "emporium-local",
+        }
 
     def rendered(self, release: str, namespace: str, hooks: bool = False) -> list[dict]:
         text = self.helm("get", "hooks" if hooks else "manifest", release, "--namespace", namespace)
@@ -403,7 +416,7 @@ class LocalPlatform:
         rows = [(c.name, c.running, c.detail) for c in self.servers.status()]
         ports = self._ports()
         for pid_file in sorted(self.run_dir.glob("*.pid")):
-            if pid_file == self.servers.smtp.pid_path:
+            if pid_file in (self.servers.smtp.pid_path, self.servers.oidc.pid_path):
                 continue  # listed with the servers above
             process = ManagedProcess(pid_file.stem, [], self.logs / "status.log", pid_path=pid_file)
             name = pid_file.stem.split("-", 1)[1]
