@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
 ARGS ?=
 
-.PHONY: help tools deps lint format test fuzz bench kind-up kind-dev kind-down up down status
+.PHONY: help tools deps lint format test fuzz bench kind-up kind-dev kind-down up down status loadgen
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,3 +50,6 @@ down: ## Stop everything `make up` started (data stays in .local/data)
 
 status: ## Show each local component
 	@bash tools/platform.sh status
+
+loadgen: ## Simulated shoppers against the local platform (USERS=10 DURATION=1m; fails on any error)
+	@bash tools/loadgen.sh

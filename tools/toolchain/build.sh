@@ -156,9 +156,10 @@ ensure() {
 
 tools=("$@")
 # Default: everything `make test` and `make up` use (the first run on a machine builds it all, later runs
-# reuse it): the control plane, kubectl, helm, kubeconform and skaffold (chart tests), istiod and pilot-agent
-# (the local ingress). postgres_exporter, otelcol and jaeger are built on request (`build.sh jaeger`).
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm kubeconform skaffold \
-  pilot-discovery pilot-agent)
+# reuse it): the control plane, kubectl, helm, kubeconform (chart tests), pilot-agent and istiod (the local
+# ingress), and last skaffold, the longest build and the one fewest tests need. postgres_exporter, otelcol
+# and jaeger are built on request (`build.sh jaeger`).
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm kubeconform pilot-agent \
+  pilot-discovery skaffold)
 for t in "${tools[@]}"; do ensure "$t"; done
 echo "$bin"

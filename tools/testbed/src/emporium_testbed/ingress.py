@@ -25,6 +25,9 @@ GATEWAY_NAMESPACE = "istio-system"
 GATEWAY_PORT = 8080
 XDS_PORT = 15010  # istiod's plaintext xDS (controlPlaneAuthPolicy NONE: loopback only)
 READY_PORT = 15021  # the gateway's readiness (Envoy)
+# Every fixed port of the local ingress (Envoy admin, pilot-agent status, Envoy stats too): one local
+# platform per machine.
+FIXED_PORTS = (GATEWAY_PORT, 15000, XDS_PORT, 15020, READY_PORT, 15090)
 ISTIO_MODULE_DIR = REPO_ROOT / "tools" / "toolchain" / "istio"
 
 
@@ -174,3 +177,6 @@ class LocalIngress:
 
     def running(self) -> bool:
         return self.istiod.running() and self.gateway.running()
+
+    def processes(self) -> list[ManagedProcess]:
+        return [self.gateway, self.istiod]

@@ -11,18 +11,21 @@ earlier command started (through their pid files). Logs of every component go to
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .controlplane import ControlPlane
 from .oidc import MockOIDCProvider
-from .postgres import PostgresServer
-from .process import ManagedProcess, free_port, port_open
-from .rabbitmq import RabbitMQServer
+from .postgres import PG_USER, PostgresServer
+from .process import ManagedProcess, free_port, is_root, port_open
+from .rabbitmq import RABBIT_USER, RabbitMQServer
 from .toolchain import REPO_ROOT
 
 DEFAULT_ROOT = REPO_ROOT / ".local"
@@ -48,6 +51,39 @@ def _new_state() -> dict:
     }
 
 
+# A Unix socket path must fit in 108 bytes; Postgres puts `.s.PGSQL.<port>` in its socket folder.
+_MAX_SOCKET_DIR = 75
+
+
+def server_data_dir(root: Path) -> Path:
+    """Where Postgres and RabbitMQ keep their data: ``<root>/data`` when the servers can use it, else a
+    folder of this machine's own named after the clone.
+
+    As root, Postgres and RabbitMQ run as their own users, which cannot enter a clone below a folder only
+    its owner may enter (``mktemp -d``, a 0700 home); Postgres's socket path must be short; and RabbitMQ's
+    start scripts break on paths with spaces. A clone like that gets ``/var/lib/emporium/<hash>`` (root)
+    or ``~/.local/state/emporium/<hash>`` instead, and ``<root>/data/servers`` links to it.
+    """
+    default = root / "data"
+    unsafe = any(c.isspace() for c in str(default.resolve())) or len(str(default.resolve())) > _MAX_SOCKET_DIR
+    if not unsafe and is_root():
+        default.mkdir(parents=True, exist_ok=True)
+        for folder in (root, default):
+            folder.chmod(0o755)
+        unsafe = not all(_can_enter(user, default) for user in (PG_USER, RABBIT_USER))
+    if not unsafe:
+        return default
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    base = Path("/var/lib/emporium") if is_root() else Path.home() / ".local" / "state" / "emporium"
+    return base / digest
+
+
+def _can_enter(user: str, path: Path) -> bool:
+    """Whether user can reach path (search permission on every folder above it)."""
+    result = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True)
+    return result.returncode == 0
+
+
 @dataclass
 class Component:
     name: str
@@ -64,9 +100,9 @@ class LocalServers:
         self.state_path = self.root / "state.json"
         self.state = self._load_state()
         s = self.state
-        data = self.root / "data"
+        data = Path(s["server_data"])
         self.control_plane = ControlPlane(
-            data / "kube",
+            self.root / "data" / "kube",  # runs as us: any path will do
             etcd_port=s["etcd_port"],
             etcd_peer_port=s["etcd_peer_port"],
             apiserver_port=s["apiserver_port"],
@@ -116,38 +152,82 @@ class LocalServers:
         if self.state_path.exists():
             state = json.loads(self.state_path.read_text())
             missing = {k: v for k, v in _new_state().items() if k not in state}
+            missing.setdefault("server_data", str(self.root / "data"))  # state from before this setting
+            missing = {k: v for k, v in missing.items() if k not in state}
             if missing:  # a platform made before a component was added: keep what it has, add the rest
                 state.update(missing)
                 self.state_path.write_text(json.dumps(state, indent=2))
             return state
         self.root.mkdir(parents=True, exist_ok=True)
-        state = _new_state()
+        state = {**_new_state(), "server_data": str(server_data_dir(self.root))}
         self.state_path.write_text(json.dumps(state, indent=2))
         self.state_path.chmod(0o600)
         return state
 
     def up(self) -> None:
-        """Start whatever is not running; a no-op for what already is."""
+        """Start whatever is not running (all four at once); a no-op for what already is."""
+        self.prepare()
+        steps = (
+            self.start_control_plane,
+            self.start_postgres,
+            self.start_rabbitmq,
+            self.start_smtp,
+            self.start_oidc,
+        )
+        with ThreadPoolExecutor(len(steps)) as pool:
+            started = [pool.submit(step) for step in steps]
+        for future in started:
+            future.result()  # the first failure, if any, with its log's path
+
+    def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)  # the postgres and rabbitmq users must reach their data folders
-        (self.root / "data").mkdir(exist_ok=True)
-        (self.root / "data").chmod(0o755)
+        self.root.chmod(0o755)  # the postgres and rabbitmq users may need to reach <root>/data
         self.logs.mkdir(exist_ok=True)
+        data = Path(self.state["server_data"])
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o755)  # the postgres and rabbitmq users must reach their data folders
+        if data != self.root / "data":
+            (data / "OWNER").write_text(f"data of the Emporium local platform in {self.root.resolve()}\n")
+            link = self.root / "data" / "servers"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(data)
+
+    def start_control_plane(self) -> None:
         if not self.control_plane.running():
             self.control_plane.stop()  # a half-running plane from a crash is restarted whole
             self.control_plane.start()
+
+    def start_postgres(self) -> None:
         if not (self.postgres.process.running() and self.postgres.ready()):
             self.postgres.stop()
             self.postgres.start()
+
+    def start_rabbitmq(self) -> None:
         if not (self.rabbitmq.running() and _safe(self.rabbitmq.ready)):
             self.rabbitmq.stop()
             self.rabbitmq.start()
+
+    def start_smtp(self) -> None:
         if not self.smtp.running():
             self.smtp.start()
             self.smtp.wait_ready(lambda: port_open("127.0.0.1", self.smtp_port), 30)
+
+    def start_oidc(self) -> None:
         if not (self.oidc.running() and _safe(self.oidc.ready)):
             self.oidc.stop()
             self.oidc.start()
+
+    def processes(self) -> list[ManagedProcess]:
+        """Every process these servers run, for stopping what a failed start left behind."""
+        return [
+            *self.control_plane.processes(),
+            self.postgres.process,
+            self.rabbitmq.process,
+            self.rabbitmq.epmd,
+            self.smtp,
+            self.oidc.process,
+        ]
 
     def down(self) -> None:
         self.oidc.stop()

@@ -18,16 +18,27 @@ import os
 import runpy
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
-from .ingress import GATEWAY_NAMESPACE, LocalIngress
+from .ingress import FIXED_PORTS, GATEWAY_NAMESPACE, LocalIngress
 from .local import DEFAULT_ROOT, OIDC_ISSUER_ID, LocalServers
-from .process import ManagedProcess, StartupError, free_port, port_open
-from .toolchain import REPO_ROOT, tool
+from .process import (
+    ManagedProcess,
+    StartupError,
+    describe_process,
+    free_port,
+    listener_pid,
+    port_open,
+)
+from .toolchain import REPO_ROOT, bin_dir, tool
 from .workloads import LocalContainer, container_process
 
 NAMESPACE = "emporium"
@@ -35,6 +46,19 @@ OPERATOR_NAMESPACE = "emporium-system"
 CHARTS = REPO_ROOT / "charts"
 LOCAL_VALUES = REPO_ROOT / "k8s" / "values" / "local.yaml"
 GROUP = "emporium.dev"
+T = TypeVar("T")
+
+
+class StepFailed(RuntimeError):
+    """One step of `up` failed; the message names the step and, through the cause, the log to read."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        super().__init__(f"{step}: {cause}")
+        self.step = step
+
+
+class StepCancelled(StepFailed):
+    """A step not started because another one had failed."""
 
 
 @dataclass
@@ -56,6 +80,7 @@ class LocalPlatform:
         self.kubeconfig = self.servers.control_plane.kubeconfig
         self.ports_path = self.root / "ports.json"
         self.ingress = LocalIngress(self.root, self.kubeconfig, self.logs)
+        self._failed = threading.Event()
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -107,14 +132,12 @@ class LocalPlatform:
     # -- steps ---------------------------------------------------------------------------------------
 
     def install_crds(self) -> None:
+        """Ours, Istio's and prometheus-operator's CRDs, in one server-side apply."""
         crds = sorted((CHARTS / "emporium-operator" / "crds").glob("*.yaml"))
         schemas = runpy.run_path(str(REPO_ROOT / "tools" / "toolchain" / "schemas" / "crd_schemas.py"))
-        crds += schemas["third_party_crd_files"]() if _third_party_ready(schemas) else []
-        if not _third_party_ready(schemas):
-            schemas["third_party"]()  # fetch from the Go module proxy once, then cached
-            crds += schemas["third_party_crd_files"]()
-        for crd in crds:
-            self.apply(Path(crd).read_text())
+        schemas["third_party"]()  # fetched from the Go module proxy once, then cached
+        crds += schemas["third_party_crd_files"]()
+        self.apply("\n---\n".join(Path(crd).read_text() for crd in crds))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
 
     def apply_servers(self) -> None:
@@ -298,20 +321,29 @@ class LocalPlatform:
             )
 
     def run_migrations(self) -> None:
+        """The chart's migration Jobs, all at once (each service has its own database)."""
         manifests = self.rendered("emporium", NAMESPACE)
         addresses = self._addresses([d for d in manifests if d["kind"] == "Deployment"])
-        for job in (d for d in self.rendered("emporium", NAMESPACE, hooks=True) if d["kind"] == "Job"):
-            migration = self.workload(job, NAMESPACE, addresses, kind="job")
-            result = subprocess.run(
-                migration.process.argv,
-                env={**os.environ, **migration.process.env},
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            (self.logs / f"{job['metadata']['name']}.log").write_text(result.stdout + result.stderr)
-            if result.returncode != 0:
-                raise StartupError(f"migration {job['metadata']['name']} failed:\n{result.stderr[-2000:]}")
+        jobs = [d for d in self.rendered("emporium", NAMESPACE, hooks=True) if d["kind"] == "Job"]
+        migrations = [self.workload(job, NAMESPACE, addresses, kind="job") for job in jobs]
+        with ThreadPoolExecutor(max(1, len(migrations))) as pool:
+            for failure in pool.map(self._migrate, migrations):
+                if failure:
+                    raise StartupError(failure)
+
+    def _migrate(self, migration: Workload) -> str | None:
+        log = self.logs / f"{migration.name}.log"
+        result = subprocess.run(
+            migration.process.argv,
+            env={**os.environ, **migration.process.env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        log.write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            return f"migration {migration.name} failed; see {log}:\n{result.stderr[-2000:]}"
+        return None
 
     def start_services(self) -> list[Workload]:
         deployments = [d for d in self.rendered("emporium", NAMESPACE) if d["kind"] == "Deployment"]
@@ -376,28 +408,121 @@ class LocalPlatform:
     # -- commands ------------------------------------------------------------------------------------
 
     def up(self) -> None:
+        """Start what is not running yet, as much as possible at once, printing each step as it ends.
+
+        Postgres, RabbitMQ and the SMTP sink start beside the control plane; the ingress (istiod,
+        Envoy) starts as soon as the charts are installed, beside the operator, migrations and services.
+        The first failure anywhere stops the others at their next step, and is the one reported.
+        """
         started = time.monotonic()
+        self.check_fixed_ports()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.servers.up()
-        self.install_crds()
-        self.apply_servers()
-        self.install_charts()
-        self.start_operator()
-        self.wait_for_resources()
-        self.run_migrations()
-        workloads = self.start_services()
-        self.register_endpoints(workloads)
-        self.ingress.start()
-        self.wait_for_ingress()
+        self.servers.prepare()
+        self._failed.clear()
+        background: list[Future] = []
+
+        def beside(name: str, action: Callable[[], object]) -> Future:
+            future = pool.submit(self.step, name, action)
+            future.add_done_callback(lambda f: f.exception() and self._failed.set())
+            background.append(future)
+            return future
+
+        with ThreadPoolExecutor(5) as pool:
+            try:
+                servers = [
+                    beside("postgres", self.servers.start_postgres),
+                    beside("rabbitmq", self.servers.start_rabbitmq),
+                    beside("smtp sink", self.servers.start_smtp),
+                    beside("openid provider", self.servers.start_oidc),
+                ]
+                self.step("control plane", self.servers.start_control_plane)
+                self.step("custom resource definitions", self.install_crds)
+                self.step("namespaces, PostgresServer, RabbitServer", self.apply_servers)
+                self.step("charts (helm upgrade --install)", self.install_charts)
+                ingress = beside("ingress (istiod, Envoy)", self.ingress.start)
+                self.step("operator", self.start_operator)
+                for server in servers:
+                    server.result()
+                self.step("databases, vhosts and topologies Ready", self.wait_for_resources)
+                self.step("migrations", self.run_migrations)
+                workloads = self.step("services", self.start_services)
+                self.step("service endpoints", lambda: self.register_endpoints(workloads))
+                ingress.result()
+            except BaseException as error:
+                self._failed.set()  # the other threads stop at their next step
+                failure = error
+            else:
+                failure = None
+        # Every thread has finished here. Report the first real failure, not a step it cancelled.
+        causes = [f.exception() for f in background if f.exception()]
+        causes = [c for c in [*causes, failure] if c is not None and not isinstance(c, StepCancelled)]
+        if causes or failure:
+            raise causes[0] if causes else failure
+        self.step("routes through the ingress", self.wait_for_ingress)
         self.write_admin_env()
-        self.load_sample_catalog()
-        print(f"Emporium is up ({time.monotonic() - started:.0f} s).")
-        print(f"  ingress: {self.ingress.url}  (try {self.ingress.url}/products)")
-        print(f"  export KUBECONFIG={self.kubeconfig}")
+        self.step("sample catalog", self.load_sample_catalog)
+        self.print_summary(workloads, time.monotonic() - started)
+
+    def step(self, name: str, action: Callable[[], T]) -> T:
+        if self._failed.is_set():
+            raise StepCancelled(name, RuntimeError("cancelled: another step failed"))
+        began = time.monotonic()
+        try:
+            result = action()
+        except StepFailed:
+            raise
+        except Exception as error:
+            raise StepFailed(name, error) from error
+        print(f"  ok  {name} ({time.monotonic() - began:.1f} s)", flush=True)
+        return result
+
+    def check_fixed_ports(self) -> None:
+        """The ingress's ports are fixed: refuse, before starting anything, when another process (another
+        clone's platform, say) holds one of them."""
+        ours = {p.pid for p in self.ingress.processes() if p.running()}
+        for port in FIXED_PORTS:
+            if not port_open("127.0.0.1", port):
+                continue
+            owner = listener_pid(port)
+            if owner is not None and (owner in ours or _process_group(owner) in ours):
+                continue
+            raise StartupError(_port_taken_message(port, owner))
+
+    def processes(self) -> list[ManagedProcess]:
+        """Every process of this platform: the servers, the ingress and the chart's workloads."""
+        workloads = [
+            ManagedProcess(pid_file.stem, [], self.logs / "down.log", pid_path=pid_file)
+            for pid_file in sorted(self.run_dir.glob("*.pid"))
+            if pid_file not in {p.pid_path for p in (*self.ingress.processes(), *self.servers.processes())}
+        ]
+        return [*workloads, *self.ingress.processes(), *self.servers.processes()]
+
+    def running_pids(self) -> set[int]:
+        return {p.pid for p in self.processes() if p.pid is not None and p.running()}
+
+    def stop_started_since(self, before: set[int]) -> list[str]:
+        """Stop every process of the platform that was not running before (after a failed `up`)."""
+        stopped = []
+        for process in self.processes():
+            if process.pid is not None and process.running() and process.pid not in before:
+                process.stop()
+                stopped.append(process.name)
+        return stopped
+
+    def print_summary(self, workloads: list[Workload], seconds: float) -> None:
+        url = self.ingress.url
+        path = f"{bin_dir()}:{Path.home() / '.local' / 'bin'}:$PATH"
+        print(f"\nEmporium is up ({seconds:.0f} s): {url}")
         for w in workloads:
             print(f"  {w.name:14} http://127.0.0.1:{w.container.port}")
         print(f"  admin credentials: {self.root / 'admin.env'}")
-        print(f"  logs: {self.logs}")
+        print(f"  logs: {self.logs}  (make status, make down)")
+        print("\nIn a new shell, first:")
+        print(f"  export KUBECONFIG={_shell_quote(self.kubeconfig)} PATH={_shell_quote_path(path)}")
+        print("\nNext, try:")
+        print(f"  1. the catalog:    curl -s '{url}/products?limit=3'")
+        print("  2. the walkthrough in README.md (register, log in, order, see the notification)")
+        print("  3. ten simulated shoppers for a minute:    make loadgen")
 
     def write_admin_env(self) -> None:
         data = self._reader()("Secret", NAMESPACE, "users-admin")
@@ -425,15 +550,41 @@ class LocalPlatform:
         return rows
 
 
-def _third_party_ready(schemas: dict) -> bool:
-    return all(Path(p).exists() for p in _safe_list(schemas["third_party_crd_files"]))
-
-
-def _safe_list(function) -> list:
+def _process_group(pid: int) -> int | None:
     try:
-        return list(function())
-    except Exception:
-        return []
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _port_taken_message(port: int, owner: int | None) -> str:
+    if owner is None:
+        return (
+            f"127.0.0.1:{port} is already in use (the local ingress needs it): free it, then `make up` again"
+        )
+    cwd = Path(f"/proc/{owner}/cwd")
+    try:
+        home = cwd.resolve()
+    except OSError:
+        home = None
+    if home is not None and home.name == "ingress" and (home.parent / "state.json").exists():
+        return (
+            f"another Emporium local platform is running, from {home.parent} (it holds 127.0.0.1:{port}); "
+            f"one runs per machine: stop it first (`make down` in that clone)"
+        )
+    return f"127.0.0.1:{port} is already in use by {describe_process(owner)}: the local ingress needs it"
+
+
+def _shell_quote(path: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def _shell_quote_path(path: str) -> str:
+    """Quote a PATH value but keep its trailing $PATH expandable."""
+    head = path.removesuffix(":$PATH")
+    return f'"{head}:$PATH"' if any(c.isspace() for c in head) else path
 
 
 def _secret(name: str, data: dict[str, str]) -> dict:
@@ -491,14 +642,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     platform = LocalPlatform(args.root)
     if args.command == "up":
-        platform.up()
-        return 0
+        return _up(platform)
     if args.command == "down":
         platform.down()
     rows = platform.status()
     for name, running, detail in rows:
         print(f"{name:24} {'running' if running else 'stopped':8} {detail}")
     return 0 if args.command == "down" or all(r for _, r, _ in rows) else 3
+
+
+def _up(platform: LocalPlatform) -> int:
+    """`make up`: on any failure, say what failed and where its log is, and stop what this run started."""
+    try:
+        before = platform.running_pids()
+    except FileNotFoundError as error:  # the toolchain is missing
+        print(f"make up: {error}", file=sys.stderr)
+        return 1
+    try:
+        platform.up()
+        return 0
+    except (Exception, KeyboardInterrupt) as error:
+        if isinstance(error, StepFailed):
+            print(f"\nmake up failed at: {error.step}\n{error.__cause__}", file=sys.stderr)
+        else:
+            print(f"\nmake up cannot start: {error}", file=sys.stderr)
+        stopped = platform.stop_started_since(before)
+        if stopped:
+            print(f"stopped what this run had started: {', '.join(stopped)}", file=sys.stderr)
+        print(f"every component's log: {platform.logs}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
