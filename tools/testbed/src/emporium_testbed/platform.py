@@ -385,10 +385,19 @@ class LocalPlatform:
         """The gateway serves the chart's routes: /health reaches the users service."""
         self.ingress.gateway.wait_ready(lambda: _http_ok(f"{self.ingress.url}/health"), timeout)
 
-    def admin_token(self) -> str:
+    def admin_token(self, timeout: float = 90) -> str:
+        """Log in as the first admin. The users service creates that account in the background once it
+        is up (a bcrypt hash, slow on a busy machine), so a 401 at first only means "not yet"."""
         data = self._reader()("Secret", NAMESPACE, "users-admin")
         body = {"email": data["ADMIN_EMAIL"].decode(), "password": data["ADMIN_PASSWORD"].decode()}
-        return _json_request("POST", f"{self.ingress.url}/users/login", body)["access_token"]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return _json_request("POST", f"{self.ingress.url}/users/login", body)["access_token"]
+            except StartupError as error:
+                if " 401 " not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def load_sample_catalog(self) -> int:
         """On the first start only (a marker file remembers it), add the sample products as the admin,
