@@ -390,14 +390,15 @@ class LocalPlatform:
         is up (a bcrypt hash, slow on a busy machine), so a 401 at first only means "not yet"."""
         data = self._reader()("Secret", NAMESPACE, "users-admin")
         body = {"email": data["ADMIN_EMAIL"].decode(), "password": data["ADMIN_PASSWORD"].decode()}
-        deadline = time.monotonic() + timeout
+        deadline, pause = time.monotonic() + timeout, 1.0
         while True:
             try:
                 return _json_request("POST", f"{self.ingress.url}/users/login", body)["access_token"]
-            except StartupError as error:
-                if " 401 " not in str(error) or time.monotonic() > deadline:
+            except StartupError as error:  # few tries, backing off: the login throttle counts failures
+                if not (" 401 " in str(error) or " 429 " in str(error)) or time.monotonic() > deadline:
                     raise
-                time.sleep(1)
+                time.sleep(pause)
+                pause = min(pause * 2, 15)
 
     def load_sample_catalog(self) -> int:
         """On the first start only (a marker file remembers it), add the sample products as the admin,
