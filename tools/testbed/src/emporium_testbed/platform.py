@@ -12,6 +12,7 @@ Ready, runs the chart's migration Jobs and starts the chart's Deployments as loc
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -37,6 +38,7 @@ from .process import (
     free_port,
     listener_pid,
     port_open,
+    wait_until,
 )
 from .toolchain import REPO_ROOT, bin_dir, tool
 from .workloads import LocalContainer, container_process
@@ -385,20 +387,28 @@ class LocalPlatform:
         """The gateway serves the chart's routes: /health reaches the users service."""
         self.ingress.gateway.wait_ready(lambda: _http_ok(f"{self.ingress.url}/health"), timeout)
 
-    def admin_token(self, timeout: float = 90) -> str:
+    def admin_token(self, timeout: float = 120) -> str:
         """Log in as the first admin. The users service creates that account in the background once it
-        is up (a bcrypt hash, slow on a busy machine), so a 401 at first only means "not yet"."""
+        is up (a bcrypt hash, slow on a busy machine): wait for its row first, so that no failed login
+        counts against the login throttle."""
         data = self._reader()("Secret", NAMESPACE, "users-admin")
-        body = {"email": data["ADMIN_EMAIL"].decode(), "password": data["ADMIN_PASSWORD"].decode()}
-        deadline, pause = time.monotonic() + timeout, 1.0
-        while True:
-            try:
-                return _json_request("POST", f"{self.ingress.url}/users/login", body)["access_token"]
-            except StartupError as error:  # few tries, backing off: the login throttle counts failures
-                if not (" 401 " in str(error) or " 429 " in str(error)) or time.monotonic() > deadline:
-                    raise
-                time.sleep(pause)
-                pause = min(pause * 2, 15)
+        email = data["ADMIN_EMAIL"].decode()
+        dbname = self._reader()("Secret", NAMESPACE, "users-db")["dbname"].decode()
+        dsn = self.servers.postgres.dsn(dbname)
+
+        def admin_exists() -> bool:
+            return (
+                asyncio.run(_fetchval(dsn, "SELECT count(*) FROM users WHERE email = $1", email.lower())) == 1
+            )
+
+        wait_until(
+            admin_exists,
+            timeout,
+            "the first admin account (created by the users service)",
+            self.logs / "users.log",
+        )
+        body = {"email": email, "password": data["ADMIN_PASSWORD"].decode()}
+        return _json_request("POST", f"{self.ingress.url}/users/login", body)["access_token"]
 
     def load_sample_catalog(self) -> int:
         """On the first start only (a marker file remembers it), add the sample products as the admin,
@@ -614,6 +624,16 @@ def _python(argv: list[str]) -> list[str]:
     if argv and argv[0] == "kopf":
         return [sys.executable, "-m", "kopf", *argv[1:]]
     return argv
+
+
+async def _fetchval(dsn: str, query: str, *args: object) -> object:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        return await connection.fetchval(query, *args)
+    finally:
+        await connection.close()
 
 
 def _json_request(
