@@ -177,7 +177,7 @@ def body(kind: str, name: str, spec: dict) -> dict:
 
 
 def db_spec(name: str) -> dict:
-    return {"serverRef": {"name": "pg"}, "databaseName": name}
+    return {"serverRef": {"name": "pg"}, "databaseName": name.replace("-", "_")}
 
 
 def topo_spec(name: str, vhost: str = "bench") -> dict:
@@ -402,7 +402,7 @@ def main() -> int:
 
         # single objects, one at a time
         for kind, plural, spec_of, prefix in (
-            ("PostgresDatabase", "postgresdatabases", db_spec, "single_db"),
+            ("PostgresDatabase", "postgresdatabases", db_spec, "single-db"),
             ("RabbitTopology", "rabbittopologies", topo_spec, "single-topo"),
         ):
             lat = []
@@ -418,7 +418,7 @@ def main() -> int:
         n = args.count
         burst = {}
         for kind, plural, spec_of, prefix in (
-            ("PostgresDatabase", "postgresdatabases", db_spec, "burst_db"),
+            ("PostgresDatabase", "postgresdatabases", db_spec, "burst-db"),
             ("RabbitTopology", "rabbittopologies", topo_spec, "burst-topo"),
         ):
             docs = [body(kind, f"{prefix}{i:03d}", spec_of(f"{prefix}{i:03d}")) for i in range(n)]
