@@ -42,6 +42,7 @@ def create_app(
     token_verifier: TokenVerifier | None = None,
     lifespan: Lifespan | None = None,
     body_limits: Mapping[str, int] | None = None,
+    database: bool = True,
 ) -> FastAPI:
     """Build a service's app.
 
@@ -51,10 +52,11 @@ def create_app(
     - ``lifespan``: the service's own startup/shutdown (consumers, ...), run inside the common one.
     - ``body_limits``: ``{"POST /users/login": 16384}``, bytes per route; other routes get
       ``settings.max_body_bytes``. Larger bodies are refused with 413 before they are read.
+    - ``database``: false for a service without a database (the storefront): no engine, no check.
     The engine is on ``app.state.engine``, the session factory on ``app.state.sessionmaker``.
     """
     configure_logging(settings.log_level, settings.service_name)
-    engine = create_engine(settings)
+    engine = create_engine(settings) if database else None
 
     @asynccontextmanager
     async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,7 +67,8 @@ def create_app(
                 async with lifespan(app):
                     yield
         finally:
-            await engine.dispose()
+            if engine is not None:
+                await engine.dispose()
 
     app = FastAPI(
         title=title or settings.service_name,
@@ -76,10 +79,12 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.sessionmaker = create_sessionmaker(engine)
+    app.state.sessionmaker = create_sessionmaker(engine) if engine is not None else None
     app.state.token_verifier = token_verifier or verifier_from_settings(settings)
 
-    checks: dict[str, ReadinessCheck] = {"database": lambda: check_database(engine)}
+    checks: dict[str, ReadinessCheck] = {}
+    if engine is not None:
+        checks["database"] = lambda: check_database(engine)
     if check_broker and settings.amqp_url:
         checks["broker"] = amqp_check(settings.amqp_url)
     checks.update(readiness_checks or {})
