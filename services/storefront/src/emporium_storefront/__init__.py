@@ -1,0 +1,1 @@
+"""Emporium storefront: the web shop for customers and administrators."""
