@@ -14,8 +14,9 @@ import yaml
 from emporium_testbed.toolchain import BUILD_SCRIPT, REPO_ROOT, bin_dir, tool
 
 CHARTS = REPO_ROOT / "charts"
-SERVICES = ("users", "products", "orders", "notifications")
-APP_CHARTS = (*SERVICES, "emporium-operator", "emporium", "loadgenerator")
+SERVICES = ("users", "products", "orders", "notifications")  # the services with a database
+WEB = ("storefront",)  # no database, no broker
+APP_CHARTS = (*SERVICES, *WEB, "emporium-operator", "emporium", "loadgenerator")
 ALL_CHARTS = ("emporium-lib", *APP_CHARTS)
 NAMESPACE = "emporium"
 OPERATOR_NAMESPACE = "emporium-system"
@@ -62,7 +63,7 @@ def charts_dir(tmp_path_factory: pytest.TempPathFactory, helm: str) -> Path:
     the service charts into the umbrella), so the repository's tree is never written to."""
     target = tmp_path_factory.mktemp("charts") / "charts"
     shutil.copytree(CHARTS, target, ignore=shutil.ignore_patterns("*.tgz"))
-    for chart in (*SERVICES, "emporium"):
+    for chart in (*SERVICES, *WEB, "emporium"):
         run([helm, "dependency", "build", str(target / chart)])
     return target
 

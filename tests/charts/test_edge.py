@@ -231,8 +231,10 @@ def test_mesh_normalises_paths_before_the_rules() -> None:
 
 def test_internal_endpoints_are_closed_at_the_edge(edge) -> None:
     for path in ("/internal/stock/reservations", "/metrics", "/healthz", "/readyz"):
-        assert not allowed(edge["policies"], Request("POST", path, roles=ADMIN)), path
-        assert route(edge["vs"], path) is None, path
+        for method in ("GET", "POST"):
+            assert not allowed(edge["policies"], Request(method, path, roles=ADMIN)), path
+        # no service route: only the storefront's catch-all (and the policy refuses first)
+        assert route(edge["vs"], path) == "storefront", path
 
 
 def test_routes_go_to_the_owning_service_without_rewrites(edge) -> None:
@@ -249,9 +251,12 @@ def test_routes_go_to_the_owning_service_without_rewrites(edge) -> None:
         "/orders/1/status": "orders",
         "/notifications": "notifications",
         "/ws/notifications": "notifications",
-        "/productsX": None,
-        "/ordersfoo": None,
-        "/": None,
+        "/productsX": "storefront",  # the shop's "page not found", never the products API
+        "/ordersfoo": "storefront",
+        "/": "storefront",
+        "/product/1": "storefront",
+        "/live": "storefront",
+        "/static/shop.css": "storefront",
     }
     for path, service in expected.items():
         assert route(edge["vs"], path) == service, path
@@ -301,3 +306,63 @@ def test_mesh_is_strict_and_scoped(edge) -> None:
     (mesh,) = [o for o in objects if o["kind"] == "AuthorizationPolicy" and "selector" not in o["spec"]]
     assert mesh["spec"]["action"] == "ALLOW"
     assert mesh["spec"]["rules"][0]["from"][0]["source"]["namespaces"] == ["emporium", "istio-system"]
+
+
+def test_the_storefront_is_the_last_route_and_its_websocket_has_no_timeout(edge) -> None:
+    routes = edge["vs"]["spec"]["http"]
+    assert routes[-1]["name"] == "storefront" and routes[-1]["match"] == [{"uri": {"prefix": "/"}}]
+    live = next(r for r in routes if r["name"] == "storefront-live")
+    assert live["match"] == [{"uri": {"exact": "/live"}}] and "timeout" not in live
+    assert not any("corsPolicy" in r for r in routes if r["name"].startswith("storefront"))
+
+
+@pytest.mark.parametrize(("method", "path"), PUBLIC + NEEDS_TOKEN + ADMIN_ONLY)
+def test_preflights_need_no_token(edge, method, path) -> None:
+    assert allowed(edge["policies"], Request("OPTIONS", path)), path
+
+
+def test_every_deny_rule_excludes_options(edge) -> None:
+    for policy in edge["policies"]:
+        if policy["spec"].get("action") != "DENY":
+            continue
+        for rule in policy["spec"]["rules"]:
+            for to in rule.get("to") or []:
+                op = to["operation"]
+                excluded = "OPTIONS" in op.get("notMethods", []) or (
+                    "methods" in op and "OPTIONS" not in op["methods"]
+                )
+                assert excluded, (policy["metadata"]["name"], op)
+
+
+def test_no_cors_by_default(edge) -> None:
+    assert not any("corsPolicy" in r for r in edge["vs"]["spec"]["http"])
+
+
+def test_local_values_allow_the_dev_servers(render) -> None:
+    objects = render("emporium", "-f", str(REPO_ROOT / "k8s" / "values" / "local.yaml"))
+    vs = next(o for o in objects if o["kind"] == "VirtualService")
+    expected = [
+        {"exact": f"http://{host}:{port}"} for host in ("localhost", "127.0.0.1") for port in (3000, 5173)
+    ]
+    for http in vs["spec"]["http"]:
+        if http["name"].startswith("storefront"):
+            assert "corsPolicy" not in http
+            continue
+        cors = http["corsPolicy"]
+        assert sorted(cors["allowOrigins"], key=str) == sorted(expected, key=str), http["name"]
+        assert "authorization" in cors["allowHeaders"] and "idempotency-key" in cors["allowHeaders"]
+        assert cors["allowCredentials"] is False
+
+
+def test_websocket_token_in_the_subprotocol(edge) -> None:
+    (rule,) = edge["ra"]["spec"]["jwtRules"]
+    assert {"name": "Sec-WebSocket-Protocol", "prefix": "bearer, "} in rule["fromHeaders"]
+    assert {"name": "Authorization", "prefix": "Bearer "} in rule["fromHeaders"]
+
+
+def test_access_log_has_no_query_strings() -> None:
+    mesh = yaml.safe_load((REPO_ROOT / "k8s" / "istio" / "istiod-values.yaml").read_text())["meshConfig"]
+    fmt = mesh["accessLogFormat"]
+    assert "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%" in fmt
+    assert "%REQ(:PATH)%" not in fmt and "PATH)%" not in fmt.replace("REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%", "")
+    assert "AUTHORIZATION" not in fmt.upper() and "SEC-WEBSOCKET-PROTOCOL" not in fmt.upper()

