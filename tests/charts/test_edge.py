@@ -244,7 +244,7 @@ def test_routes_go_to_the_owning_service_without_rewrites(edge) -> None:
         "/.well-known/jwks.json": "users",
         "/health": "users",
         "/auth/oidc/google/callback": "users",
-        "/auth/oidc": None,
+        "/auth/oidc": "storefront",  # not the users service (only /auth/oidc/...): the shop's 404 page
         "/products": "products",
         "/products/1": "products",
         "/orders": "orders",
