@@ -95,7 +95,7 @@ async def declare_topologies(rabbitmq) -> dict[str, str]:
 
     urls = {}
     async with RabbitAdmin(rabbitmq.management_url, rabbitmq.admin_user, rabbitmq.admin_password) as api:
-        await api.put_vhost("emporium")
+        await api.put_vhost("emporium", "services benchmark")
         for service in ("orders", "notifications"):
             spec = yaml.safe_load((REPO / "charts" / service / "files" / "rabbit-topology.yaml").read_text())
             spec["vhost"] = "emporium"

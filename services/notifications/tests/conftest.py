@@ -77,7 +77,7 @@ async def declare_topology(rabbitmq, service: str, vhost: str = VHOST) -> str:
     password = secrets.token_urlsafe(16)
     want = desired_topology(spec, service, password)
     async with RabbitAdmin(rabbitmq.management_url, rabbitmq.admin_user, rabbitmq.admin_password) as api:
-        await api.put_vhost(vhost)
+        await api.put_vhost(vhost, "notifications tests")
         await ensure_topology(api, want, {}, allow_queue_delete=False)
     return rabbitmq.url_for(want.user, password, vhost)
 
