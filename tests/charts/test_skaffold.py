@@ -89,7 +89,8 @@ def test_skaffold_render(skaffold, project, kubeconform, schema_locations, profi
     assert {"Deployment", "ClusterRole", "PostgresDatabase", "RabbitTopology"} <= kinds
     # kind has no kube-prometheus-stack (k8s/values/kind.yaml): monitoring objects only in the ha profile
     monitoring = {"PrometheusRule", "ServiceMonitor", "PodMonitor"} & kinds
-    assert monitoring == ({"PrometheusRule", "ServiceMonitor"} if profile == "ha" else set()), monitoring
+    expected = {"PrometheusRule", "ServiceMonitor", "PodMonitor"} if profile == "ha" else set()
+    assert monitoring == expected, monitoring  # the PodMonitor is the gateway's Envoy
     images = {
         container["image"]
         for obj in objects

@@ -98,6 +98,7 @@ def test_plan_converged_is_empty_and_drift_is_targeted():
     desired = postgres.DesiredDatabase("orders", "orders_owner", "pw", ("citext",), "m")
     good = postgres.ObservedDatabase(
         database_comment="m",
+        role_comment="m",  # both marked as ours
         role_exists=True,
         role_can_login=True,
         role_password=postgres.scram_verifier("pw"),
