@@ -121,7 +121,11 @@ def test_readme_walkthrough(local, http):
     for_order: list = []
     welcome: list = []  # user.registered brings a welcome notification
     while time.monotonic() < deadline and not (for_order and welcome):
-        notifications = http.get("/notifications", headers=bearer(token)).json()["notifications"]
+        response = http.get("/notifications", headers=bearer(token))
+        if response.status_code != 200:  # e.g. 503 + Retry-After while the service is busy: poll again
+            time.sleep(0.5)
+            continue
+        notifications = response.json()["notifications"]
         for_order = [n for n in notifications if n["order_id"] == order.json()["id"]]
         welcome = [n for n in notifications if n["order_id"] is None]
         time.sleep(0.5)
