@@ -126,6 +126,7 @@ def test_readme_commands_work_verbatim_in_a_new_login_shell(local, clone):
     assert '"total_amount"' in out and '"notifications"' in out, report  # the order, the notifications
     # The ingress's refusals (the first follows the previous curl's JSON, which ends without a newline).
     assert re.search(r"403\n401\n403$", out, flags=re.MULTILINE), report
-    assert re.search(r"Aggregated\s+\d+\s+0\(0\.00%\)", out), report  # make loadgen: no failure
+    # make loadgen: no failure (Locust prints its summary on stderr)
+    assert re.search(r"Aggregated\s+\d+\s+0\(0\.00%\)", run.stderr), report
     assert "condition met" in out, report  # kubectl wait
     assert "postgresql://" in out, report  # the new database's Secret
