@@ -1,6 +1,10 @@
 # Emporium: the README's two commands are `make up` and `make test`.
 SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
+# Python caches compiled modules in .venv and the (git-ignored) __pycache__ folders. A shell that sets
+# PYTHONDONTWRITEBYTECODE makes every process recompile everything it imports (several CPU-seconds per
+# service start and per test process), so make's commands run without it.
+unexport PYTHONDONTWRITEBYTECODE
 ARGS ?=
 
 .PHONY: help tools deps lint format test fuzz bench kind-up kind-dev kind-down up down status loadgen
