@@ -251,3 +251,41 @@ def test_dashboard_matches_grafanas_dashboard_model(path: Path) -> None:
         assert panel.grid_pos is not None and panel.targets, panel.title
         for target in panel.targets:
             assert isinstance(target, Dataquery) and target.ref_id and target.expr, panel.title
+
+
+def test_local_prometheus_scrapes_what_the_charts_monitors_select(render, tmp_path: Path) -> None:
+    """`make up`'s Prometheus configuration: every ServiceMonitor and PodMonitor the charts render becomes a
+    target with prometheus-operator's job label, plus RabbitMQ and postgres_exporter; the rule file is the
+    rendered PrometheusRule; promtool accepts the configuration with its rules."""
+    from emporium_testbed.observability import LocalObservability, rule_groups
+    from emporium_testbed.toolchain import REPO_ROOT
+
+    emporium = render("emporium", "-f", str(REPO_ROOT / "k8s" / "values" / "local.yaml"))
+    operator = render("emporium-operator")
+    for docs, namespace in ((emporium, "emporium"), (operator, "emporium-system")):
+        for doc in docs:
+            doc["metadata"].setdefault("namespace", namespace)
+    monitors = [d for d in emporium + operator if d["kind"] in ("ServiceMonitor", "PodMonitor")]
+    ports = {
+        f"{m['metadata']['name']}/{e['port']}": free_port()
+        for m in monitors
+        for e in m["spec"].get("endpoints", []) + m["spec"].get("podMetricsEndpoints", [])
+    }
+    obs = LocalObservability(tmp_path / "local")
+    obs.servers.rabbitmq.prometheus_port = free_port()
+    obs.write_config(monitors, ports, rule_groups(emporium))
+    config = yaml.safe_load(obs.config_path.read_text())
+    jobs = {c["job_name"] for c in config["scrape_configs"]}
+    assert jobs >= {
+        *SERVICES,
+        "emporium-system/emporium-operator",
+        "istio-system/emporium-ingressgateway",
+        "rabbitmq",
+        "postgres",
+    }, jobs
+    gateway = next(c for c in config["scrape_configs"] if c["job_name"].endswith("ingressgateway"))
+    assert gateway["metrics_path"] == "/stats/prometheus"
+    assert gateway["static_configs"][0]["targets"] == ["127.0.0.1:15090"]
+    rules = yaml.safe_load((obs.rules_dir / "emporium.yaml").read_text())
+    assert rules == yaml.safe_load(RULES.read_text())
+    assert "SUCCESS" in run([promtool(), "check", "config", str(obs.config_path)]).stdout

@@ -157,9 +157,10 @@ ensure() {
 tools=("$@")
 # Default: everything `make test` and `make up` use (the first run on a machine builds it all, later runs
 # reuse it): the control plane, kubectl, helm, kubeconform (chart tests), pilot-agent and istiod (the local
-# ingress), and last skaffold, the longest build and the one fewest tests need. postgres_exporter, otelcol
-# and jaeger are built on request (`build.sh jaeger`).
+# ingress), postgres_exporter (the local platform's Prometheus scrapes Postgres through it), and last
+# skaffold, the longest build and the one fewest tests need. otelcol and jaeger are built on request
+# (`build.sh jaeger`).
 [ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm kubeconform pilot-agent \
-  pilot-discovery skaffold)
+  pilot-discovery postgres_exporter skaffold)
 for t in "${tools[@]}"; do ensure "$t"; done
 echo "$bin"

@@ -46,6 +46,7 @@ def _new_state() -> dict:
         "rabbitmq_epmd_port": free_port(),
         "rabbitmq_password": secrets.token_urlsafe(18),
         "rabbitmq_node": f"emporium-{secrets.token_hex(4)}@localhost",
+        "rabbitmq_prometheus_port": free_port(),  # the rabbitmq_prometheus plugin (Prometheus scrapes it)
         "smtp_port": free_port(),
         "oidc_port": free_port(),
     }
@@ -122,6 +123,7 @@ class LocalServers:
             admin_password=s["rabbitmq_password"],
             node_name=s["rabbitmq_node"],
             log_dir=self.logs,
+            prometheus_port=s["rabbitmq_prometheus_port"],
         )
         self.smtp_port = s["smtp_port"]
         self.maildir = self.root / "mail"

@@ -31,6 +31,7 @@ import yaml
 
 from .ingress import FIXED_PORTS, GATEWAY_NAMESPACE, LocalIngress
 from .local import DEFAULT_ROOT, OIDC_ISSUER_ID, LocalServers
+from .observability import LocalObservability
 from .process import (
     ManagedProcess,
     StartupError,
@@ -82,6 +83,7 @@ class LocalPlatform:
         self.kubeconfig = self.servers.control_plane.kubeconfig
         self.ports_path = self.root / "ports.json"
         self.ingress = LocalIngress(self.root, self.kubeconfig, self.logs)
+        self.observability = LocalObservability(self.root, self.servers)
         self._failed = threading.Event()
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -467,6 +469,7 @@ class LocalPlatform:
                 self.step("migrations", self.run_migrations)
                 workloads = self.step("services", self.start_services)
                 self.step("service endpoints", lambda: self.register_endpoints(workloads))
+                self.step("prometheus, postgres_exporter", self.start_observability)
                 ingress.result()
             except BaseException as error:
                 self._failed.set()  # the other threads stop at their next step
@@ -535,6 +538,8 @@ class LocalPlatform:
         print(f"\nEmporium is up ({seconds:.0f} s): {url}")
         for w in workloads:
             print(f"  {w.name:14} http://127.0.0.1:{w.container.port}")
+        for name, _, address in self.observability.status():
+            print(f"  {name:14} {address}")
         print(f"  admin credentials: {self.root / 'admin.env'}")
         print(f"  logs: {self.logs}  (make status, make down)")
         print("\nIn a new shell, first:")
@@ -543,6 +548,19 @@ class LocalPlatform:
         print(f"  1. the catalog:    curl -s '{url}/products?limit=3'")
         print("  2. the walkthrough in README.md (register, log in, order, see the notification)")
         print("  3. ten simulated shoppers for a minute:    make loadgen")
+
+    def start_observability(self) -> None:
+        """Prometheus scraping what the charts' ServiceMonitors and PodMonitors select (plus RabbitMQ and
+        postgres_exporter), evaluating the alert rules of the chart's PrometheusRule as Helm rendered it."""
+        from .observability import rule_groups
+
+        emporium = self.rendered("emporium", NAMESPACE)
+        operator = self.rendered("emporium-operator", OPERATOR_NAMESPACE)
+        for docs, namespace in ((emporium, NAMESPACE), (operator, OPERATOR_NAMESPACE)):
+            for doc in docs:
+                doc["metadata"].setdefault("namespace", namespace)
+        monitors = [d for d in emporium + operator if d["kind"] in ("ServiceMonitor", "PodMonitor")]
+        self.observability.start(monitors, self._ports(), rule_groups(emporium))
 
     def write_admin_env(self) -> None:
         data = self._reader()("Secret", NAMESPACE, "users-admin")
@@ -563,11 +581,13 @@ class LocalPlatform:
         for pid_file in sorted(self.run_dir.glob("*.pid")):
             if pid_file in (self.servers.smtp.pid_path, self.servers.oidc.pid_path):
                 continue  # listed with the servers above
+            if pid_file.stem.startswith("observability-"):
+                continue  # listed below with its URL
             process = ManagedProcess(pid_file.stem, [], self.logs / "status.log", pid_path=pid_file)
             name = pid_file.stem.split("-", 1)[1]
             port = ports.get(f"{name}/http")
             rows.append((pid_file.stem, process.running(), f"http://127.0.0.1:{port}" if port else ""))
-        return rows
+        return rows + self.observability.status()
 
 
 def _process_group(pid: int) -> int | None:

@@ -48,6 +48,7 @@ class RabbitMQServer:
     node_name: str = field(default_factory=lambda: f"emporium-{secrets.token_hex(4)}@localhost")
     host: str = "127.0.0.1"
     log_dir: Path | None = None  # default: base_dir
+    prometheus_port: int | None = None  # the rabbitmq_prometheus plugin's /metrics (off when None)
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir)
@@ -108,7 +109,8 @@ class RabbitMQServer:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         for sub in ("mnesia", "log", "plugins-expand"):
             (self.base_dir / sub).mkdir(exist_ok=True)
-        (self.base_dir / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        plugins = "rabbitmq_management" + (",rabbitmq_prometheus" if self.prometheus_port else "")
+        (self.base_dir / "enabled_plugins").write_text(f"[{plugins}].\n")
         (self.base_dir / "rabbitmq-env.conf").write_text("")
         (self.base_dir / "advanced.config").write_text("[].\n")
         (self.base_dir / "rabbitmq.conf").write_text(
@@ -129,6 +131,11 @@ class RabbitMQServer:
                     "log.file = false",
                     # Small disk thresholds so a nearly full test disk does not block publishers.
                     "disk_free_limit.absolute = 50MB",
+                    *(
+                        [f"prometheus.tcp.ip = {self.host}", f"prometheus.tcp.port = {self.prometheus_port}"]
+                        if self.prometheus_port
+                        else []
+                    ),
                     "",
                 ]
             )
