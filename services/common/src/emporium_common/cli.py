@@ -1,15 +1,33 @@
-"""The command line every service shares: ``python -m emporium_<svc> serve|migrate``."""
+"""The command line every service shares: ``python -m emporium_<svc> serve|migrate [|<extra commands>]``.
+
+``migrate`` imports neither FastAPI nor the service's app: migrations run on the critical path of every start
+(a Job before the pods, a step of ``make up``), so they load only Alembic, SQLAlchemy and the models.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
-
-from fastapi import FastAPI
+from typing import TYPE_CHECKING
 
 from .config import Settings
+from .logging import configure_logging
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+
+@dataclass(frozen=True)
+class Command:
+    """A service's own subcommand: ``run(args, settings)`` returns the exit status (None means 0)."""
+
+    help: str
+    run: Callable[[argparse.Namespace, Settings], int | None]
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
 
 
 def alembic_ini_for(main_module_file: str) -> Path:
@@ -20,26 +38,40 @@ def alembic_ini_for(main_module_file: str) -> Path:
     return source if source.exists() else Path("alembic.ini").resolve()
 
 
+def _load(app_factory: str) -> Callable[[Settings], FastAPI]:
+    module, _, name = app_factory.partition(":")
+    return getattr(import_module(module), name)
+
+
 def service_main(
     prog: str,
     main_module_file: str,
     settings_class: type[Settings],
-    build_app: Callable[[Settings], FastAPI],
+    app_factory: str,
     serve_help: str = "run the HTTP API (HOST, PORT: default 0.0.0.0:8000)",
+    commands: dict[str, Command] | None = None,
     argv: list[str] | None = None,
-) -> None:
-    """Parse argv and run ``serve`` (the app with uvicorn) or ``migrate`` (alembic upgrade head)."""
-    parser = argparse.ArgumentParser(prog=prog)
+) -> int:
+    """Parse argv and run ``serve`` (the app ``module:function`` with uvicorn), ``migrate`` (alembic upgrade
+    head on DATABASE_URL) or one of the service's own ``commands``. Returns the exit status."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help=serve_help)
-    sub.add_parser("migrate", help="alembic upgrade head on DATABASE_URL")
+    sub.add_parser("migrate", help="alembic upgrade head on DATABASE_URL (its own step, before serve)")
+    for name, command in (commands or {}).items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
     args = parser.parse_args(argv)
+
+    settings = settings_class()
+    configure_logging(settings.log_level, settings.service_name)
     if args.command == "migrate":
         from .migrations import upgrade_head
 
-        upgrade_head(alembic_ini_for(main_module_file))
-        return
-    from .app import serve
+        upgrade_head(alembic_ini_for(main_module_file), settings.database_url)
+        return 0
+    if args.command == "serve":
+        from .app import serve
 
-    settings = settings_class()
-    serve(build_app(settings), settings)
+        serve(_load(app_factory)(settings), settings)
+        return 0
+    return (commands or {})[args.command].run(args, settings) or 0

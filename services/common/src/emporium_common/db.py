@@ -1,14 +1,10 @@
-"""Async database access: one engine per app, one session per request.
+"""Async database access: one engine per app (the per-request session is ``deps.SessionDep``).
 
 Tables come from Alembic migrations only (see ``emporium_common.migrations``); nothing here creates them.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
-
-from fastapi import Depends, Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel
@@ -51,18 +47,6 @@ def create_engine(settings_or_url: Settings | str, *, pool_size: int = 5) -> Asy
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     # expire_on_commit=False: objects stay readable after commit (responses are built after it).
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """FastAPI dependency: a session from the app's engine (``create_app`` puts it on ``app.state``).
-
-    Tests override this dependency with a session inside a rolled-back transaction.
-    """
-    async with request.app.state.sessionmaker() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
 async def check_database(engine: AsyncEngine) -> None:

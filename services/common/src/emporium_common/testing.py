@@ -45,7 +45,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .auth import StaticKeySet, TokenVerifier
-from .db import create_engine, get_session
+from .db import create_engine
+from .deps import get_session
 from .migrations import upgrade_head_async
 
 # Schemathesis examples per operation in the services' OpenAPI fuzz tests: 25 in ``make test``, 200 in

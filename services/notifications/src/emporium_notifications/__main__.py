@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+
 from emporium_common.cli import service_main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     from .config import NotificationsSettings
-    from .main import build_app
 
-    service_main(
+    return service_main(
         "emporium_notifications",
         __file__,
         NotificationsSettings,
-        build_app,
+        "emporium_notifications.main:build_app",
         serve_help="run the API, websocket, event consumer and mailer (PORT, default 8000)",
+        argv=argv,
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

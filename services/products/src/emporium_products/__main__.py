@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+
 from emporium_common.cli import service_main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     from .config import ProductsSettings
-    from .main import build_app
 
-    service_main(
+    return service_main(
         "emporium_products",
         __file__,
         ProductsSettings,
-        build_app,
+        "emporium_products.main:build_app",
         serve_help="run the HTTP API (PORT, default 8000)",
+        argv=argv,
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
