@@ -49,6 +49,9 @@ OPERATOR_NAMESPACE = "emporium-system"
 CHARTS = REPO_ROOT / "charts"
 LOCAL_VALUES = REPO_ROOT / "k8s" / "values" / "local.yaml"
 GROUP = "emporium.dev"
+MONITORING_CRDS = {
+    f"monitoring.coreos.com_{plural}.yaml" for plural in ("servicemonitors", "podmonitors", "prometheusrules")
+}
 T = TypeVar("T")
 
 
@@ -136,11 +139,18 @@ class LocalPlatform:
     # -- steps ---------------------------------------------------------------------------------------
 
     def install_crds(self) -> None:
-        """Ours, Istio's and prometheus-operator's CRDs, in one server-side apply."""
+        """Ours, Istio's and the prometheus-operator CRDs the charts use, in one server-side apply."""
         crds = sorted((CHARTS / "emporium-operator" / "crds").glob("*.yaml"))
         schemas = runpy.run_path(str(REPO_ROOT / "tools" / "toolchain" / "schemas" / "crd_schemas.py"))
         schemas["third_party"]()  # fetched from the Go module proxy once, then cached
-        crds += schemas["third_party_crd_files"]()
+        # The charts create ServiceMonitors, PodMonitors and PrometheusRules only. The other seven
+        # prometheus-operator CRDs (4 MB of schema: Prometheus, Alertmanager, ...) would cost the API server
+        # seconds of OpenAPI work at every start for objects nobody creates here.
+        crds += [
+            path
+            for path in schemas["third_party_crd_files"]()
+            if "monitoring.coreos.com_" not in path.name or path.name in MONITORING_CRDS
+        ]
         self.apply("\n---\n".join(Path(crd).read_text() for crd in crds))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
 
@@ -180,15 +190,22 @@ class LocalPlatform:
         self.apply("\n---\n".join(yaml.safe_dump(d) for d in docs))
 
     def install_charts(self) -> None:
-        self.helm(
-            "upgrade",
-            "--install",
-            "emporium-operator",
-            str(CHARTS / "emporium-operator"),
-            "--namespace",
-            OPERATOR_NAMESPACE,
-            "--skip-crds",
-        )
+        """The operator's chart and the umbrella chart, side by side (neither needs the other's objects)."""
+        with ThreadPoolExecutor(1) as pool:
+            operator_chart = pool.submit(
+                self.helm,
+                "upgrade",
+                "--install",
+                "emporium-operator",
+                str(CHARTS / "emporium-operator"),
+                "--namespace",
+                OPERATOR_NAMESPACE,
+                "--skip-crds",
+            )
+            self.install_umbrella_chart()
+            operator_chart.result()
+
+    def install_umbrella_chart(self) -> None:
         self.helm("dependency", "build", str(CHARTS / "emporium"))
         # No hooks: a hook Job would never run without a kubelet; migrations run below as processes.
         self.helm(
@@ -310,19 +327,13 @@ class LocalPlatform:
         return operator
 
     def wait_for_resources(self, timeout: float = 180) -> None:
-        for kind in ("rabbitvhosts", "postgresdatabases", "rabbittopologies"):
-            kind_ref = f"{kind}.{GROUP}"
-            if not self.kubectl("get", kind_ref, "-n", NAMESPACE, "-o", "name").strip():
-                continue
-            self.kubectl(
-                "wait",
-                kind_ref,
-                "--all",
-                "-n",
-                NAMESPACE,
-                "--for=condition=Ready",
-                f"--timeout={int(timeout)}s",
-            )
+        """Every database, vhost and topology Ready, with one kubectl call for all three kinds."""
+        plurals = ("rabbitvhosts", "postgresdatabases", "rabbittopologies")
+        kinds = ",".join(f"{plural}.{GROUP}" for plural in plurals)
+        if not self.kubectl("get", kinds, "-n", NAMESPACE, "-o", "name").strip():
+            return
+        wait_for = ("--for=condition=Ready", f"--timeout={int(timeout)}s")
+        self.kubectl("wait", kinds, "--all", "-n", NAMESPACE, *wait_for)
 
     def run_migrations(self) -> None:
         """The chart's migration Jobs, all at once (each service has its own database)."""
@@ -449,7 +460,7 @@ class LocalPlatform:
             background.append(future)
             return future
 
-        with ThreadPoolExecutor(5) as pool:
+        with ThreadPoolExecutor(6) as pool:
             try:
                 servers = [
                     beside("postgres", self.servers.start_postgres),
@@ -462,7 +473,10 @@ class LocalPlatform:
                 self.step("namespaces, PostgresServer, RabbitServer", self.apply_servers)
                 self.step("charts (helm upgrade --install)", self.install_charts)
                 ingress = beside("ingress (istiod, Envoy)", self.ingress.start)
-                self.step("operator", self.start_operator)
+                # Beside the rest: after a `make down` the objects are still Ready and the databases
+                # migrated, so services need not wait for the operator; on a first start the wait for
+                # Ready below waits for it.
+                operator = beside("operator", self.start_operator)
                 for server in servers:
                     server.result()
                 self.step("databases, vhosts and topologies Ready", self.wait_for_resources)
@@ -470,6 +484,7 @@ class LocalPlatform:
                 workloads = self.step("services", self.start_services)
                 self.step("service endpoints", lambda: self.register_endpoints(workloads))
                 self.step("prometheus, postgres_exporter", self.start_observability)
+                operator.result()
                 ingress.result()
             except BaseException as error:
                 self._failed.set()  # the other threads stop at their next step
