@@ -15,6 +15,8 @@ Usage in a route::
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -163,12 +165,18 @@ def _log_refresh_failure(task: asyncio.Task[None]) -> None:
 def _find_key(jwks: dict[str, Any], kid: str) -> jwt.PyJWK | None:
     for entry in jwks.get("keys", []):
         if entry.get("kid") == kid and entry.get("use", "sig") == "sig":
-            try:
-                return jwt.PyJWK(entry)
-            except jwt.PyJWTError:
-                log.warning("unusable key %s in JWKS", kid)
-                return None
+            return _parse_key(json.dumps(entry, sort_keys=True))
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_key(entry: str) -> jwt.PyJWK | None:
+    """A JWK parsed once, not on every request (loading an EC key costs more than verifying a token)."""
+    try:
+        return jwt.PyJWK(json.loads(entry))
+    except jwt.PyJWTError:
+        log.warning("unusable key %s in JWKS", json.loads(entry).get("kid"))
+        return None
 
 
 class TokenVerifier:
