@@ -43,8 +43,9 @@ fi
 uv sync --all-packages --locked --quiet
 # The test bed's OpenID provider (mock-oauth2-server): jars from Maven Central into ~/.cache/emporium, once.
 uv run --locked python -m emporium_testbed.oidc install >/dev/null
-# axe-core (runs inside the browser in the storefront's tests), from the npm registry by its lockfile
-if [ ! -f tests/e2e/browser/node_modules/axe-core/axe.min.js ]; then
+# axe-core (runs inside the browser in the storefront's tests), from the npm registry by its lockfile.
+# `bootstrap.sh platform` (make up) skips it: only the tests use it.
+if [ "${1:-}" != platform ] && [ ! -f tests/e2e/browser/node_modules/axe-core/axe.min.js ]; then
   log "installing the browser tests' npm packages (npm ci)"
   npm ci --prefix tests/e2e/browser --ignore-scripts --no-audit --no-fund --silent
 fi

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.local/bin:$PATH"
 command=${1:?usage: platform.sh up|down|status}
 if [ "$command" = up ]; then
-  bash tools/bootstrap.sh
+  bash tools/bootstrap.sh platform
   EMPORIUM_TOOLCHAIN_BIN=$(bash tools/toolchain/build.sh etcd kube-apiserver kube-controller-manager kubectl helm \
     pilot-discovery pilot-agent postgres_exporter | tail -n 1)
   export EMPORIUM_TOOLCHAIN_BIN
