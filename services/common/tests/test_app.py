@@ -17,7 +17,14 @@ from emporium_common import (
     require_role,
     testing,
 )
-from emporium_common.auth import KeysUnavailable, RemoteKeySet, StaticKeySet, TokenVerifier
+from emporium_common.auth import (
+    LEEWAY_SECONDS,
+    InvalidToken,
+    KeysUnavailable,
+    RemoteKeySet,
+    StaticKeySet,
+    TokenVerifier,
+)
 from fastapi import APIRouter, Depends, FastAPI, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
@@ -406,3 +413,26 @@ async def test_stale_keys_are_served_while_one_refresh_runs_without_blocking_req
     assert time.monotonic() - started < 2
     assert len(fetches) == 2  # one background refresh for all of them, not one each
     slow.set()
+
+
+async def test_a_verified_token_is_remembered_but_still_expires_and_dies_with_its_key():
+    issuer = testing.TokenFactory()
+    now = [time.time()]
+    jwks = issuer.jwks
+    verifier = TokenVerifier(
+        StaticKeySet(lambda: jwks), issuer=issuer.issuer, audience=issuer.audience, clock=lambda: now[0]
+    )
+    token = issuer.token(sub="7", ttl=60)
+    first = await verifier.verify(token)
+    assert (await verifier.verify(token)) is first  # remembered: no second signature check
+    tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    with pytest.raises(InvalidToken):  # another string is verified on its own
+        await verifier.verify(tampered)
+    now[0] += 60 + LEEWAY_SECONDS
+    with pytest.raises(InvalidToken, match="expired"):
+        await verifier.verify(token)
+    now[0] -= 60 + LEEWAY_SECONDS
+    assert (await verifier.verify(token)).sub == "7"
+    jwks = {"keys": []}  # the key is rotated out: its tokens end at once
+    with pytest.raises(InvalidToken, match="unknown kid"):
+        await verifier.verify(token)

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -180,8 +181,18 @@ def _parse_key(entry: str) -> jwt.PyJWK | None:
 
 
 class TokenVerifier:
-    def __init__(self, keys: KeySource, *, issuer: str, audience: str) -> None:
-        self.keys, self.issuer, self.audience = keys, issuer, audience
+    """Verifies access tokens. A token verified once is remembered (bounded LRU) with the key object that
+    verified it: a client's next requests skip the signature check (the costliest part of a request that
+    reads one row), while expiry is checked every time and a key gone from the key set ends them at once.
+    """
+
+    CACHE_SIZE = 4096
+
+    def __init__(
+        self, keys: KeySource, *, issuer: str, audience: str, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.keys, self.issuer, self.audience, self.clock = keys, issuer, audience, clock
+        self._verified: OrderedDict[str, tuple[jwt.PyJWK, Principal]] = OrderedDict()
 
     async def verify(self, token: str) -> Principal:
         """Return the principal of a valid token; raise InvalidToken otherwise."""
@@ -197,9 +208,23 @@ class TokenVerifier:
         key = await self.keys.get_key(kid)  # KeysUnavailable propagates: not the token's fault
         if key is None:
             raise InvalidToken(f"unknown kid {kid!r}")
+        cached = self._verified.get(token)
+        if cached is not None and cached[0] is key:
+            if self.clock() >= cached[1].claims["exp"] + LEEWAY_SECONDS:
+                del self._verified[token]
+                raise InvalidToken("Signature has expired")
+            self._verified.move_to_end(token)
+            return cached[1]
+        principal = self._verify_signed(token, key, alg)
+        self._verified[token] = (key, principal)
+        if len(self._verified) > self.CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _verify_signed(self, token: str, key: jwt.PyJWK, alg: str) -> Principal:
         # The key's own algorithm wins over the header's: a key is used with exactly one algorithm.
         if key.algorithm_name != alg:
-            raise InvalidToken(f"algorithm {alg!r} does not match key {kid!r}")
+            raise InvalidToken(f"algorithm {alg!r} does not match key {key.key_id!r}")
         try:
             claims = jwt.decode(
                 token,
