@@ -7,14 +7,23 @@ session, after everything that starts the local platform.
 The kind suite is opt-in until a whole `make kind-up` has run green here (EMPORIUM_KIND=1): without it the
 kind tests are deselected at collection (counted as deselected in pytest's summary). Once asked for, a
 cluster that cannot be had fails those tests with the reason; nothing is skipped.
+
+`local`: one local platform (`make up` in a temporary root) for the end-to-end modules that use it; `down` at
+the end must leave no process behind.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from emporium_testbed.ingress import GATEWAY_PORT
 from emporium_testbed.kind import RUN_BY_DEFAULT, KindPlatform, kind_unavailable
+from emporium_testbed.process import pid_alive, port_open
 
 
 def _uses_kind(item: pytest.Item) -> bool:
@@ -38,3 +47,41 @@ def kind_cluster():
         pytest.fail(f"the kind suite was asked for (EMPORIUM_KIND=1) but cannot run: {reason}")
     with KindPlatform() as cluster:
         yield cluster
+
+
+def platform(root: Path, command: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "emporium_testbed.platform", command, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def local(tmp_path_factory: pytest.TempPathFactory):
+    assert not port_open("127.0.0.1", GATEWAY_PORT), "port 8080 is taken (is `make up` running? `make down`)"
+    root = tmp_path_factory.mktemp("platform")
+    for folder in (root, root.parent, root.parent.parent):
+        folder.chmod(folder.stat().st_mode | 0o111)  # postgres and rabbitmq users traverse into it
+    started = time.monotonic()
+    try:
+        up = platform(root, "up")
+        assert up.returncode == 0, f"make up failed:\n{up.stdout[-3000:]}\n{up.stderr[-5000:]}"
+        print(f"cold up: {time.monotonic() - started:.0f} s")
+        yield root
+    finally:
+        pids = [int(p.read_text()) for p in root.rglob("*.pid") if p.read_text().strip().isdigit()]
+        down = platform(root, "down", timeout=300)
+        assert down.returncode == 0, down.stderr
+        alive = [pid for pid in pids if pid_alive(pid)]
+        assert not alive, f"processes left after down: {alive}"
+        assert not port_open("127.0.0.1", GATEWAY_PORT)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (rep_setup, rep_call): fixtures see whether the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
