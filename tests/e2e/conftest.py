@@ -8,8 +8,9 @@ The kind suite is opt-in until a whole `make kind-up` has run green here (EMPORI
 kind tests are deselected at collection (counted as deselected in pytest's summary). Once asked for, a
 cluster that cannot be had fails those tests with the reason; nothing is skipped.
 
-`local`: one local platform (`make up` in a temporary root) for the end-to-end modules that use it; `down` at
-the end must leave no process behind.
+`local`: a local platform (`make up` in a temporary root) per module that uses it (test_local_platform.py
+keeps its own), stopped at the module's end (before the kind tests take port 8080); `down` must leave no
+process behind.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def platform(root: Path, command: str, timeout: float = 900) -> subprocess.Compl
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory):
     assert not port_open("127.0.0.1", GATEWAY_PORT), "port 8080 is taken (is `make up` running? `make down`)"
     root = tmp_path_factory.mktemp("platform")
