@@ -26,7 +26,11 @@ import pytest
 from emporium_testbed.ingress import GATEWAY_PORT
 from emporium_testbed.process import port_open
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -119,7 +123,13 @@ class Journey:
         )
 
     def wait(self, condition, timeout: float = 20, message: str = ""):
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(condition, message)
+        # A page that is being replaced (a click's navigation) has stale elements: look again.
+        return WebDriverWait(
+            self.driver,
+            timeout,
+            poll_frequency=0.2,
+            ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+        ).until(condition, message)
 
     def text(self) -> str:
         return self.driver.find_element(By.TAG_NAME, "body").text

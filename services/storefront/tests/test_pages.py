@@ -151,3 +151,18 @@ def test_only_local_redirects():
     assert safe_next("/cart") == "/cart"
     for evil in ("//evil.test", "https://evil.test", "/\\evil.test", "", None):
         assert safe_next(evil) == "/"
+
+
+async def test_the_product_form_has_real_validation_attributes(client, shop):
+    """The browser's own checks: attributes, not an escaped string of them (a price like 34.90 must pass)."""
+    shop.roles = ("admin",)
+    await sign_in(client)
+    html = (await client.get("/admin/products/new")).text
+    price = re.search(r'<input id="price"[^>]*>', html)[0]
+    assert 'pattern="[0-9]+([.][0-9]{1,2})?"' in price and 'required="required"' in price, price
+    assert "&#34;" not in html
+    pattern = re.search(r'pattern="([^"]+)"', price)[1]
+    assert (
+        re.fullmatch(pattern, "34.90") and re.fullmatch(pattern, "12") and not re.fullmatch(pattern, "1.234")
+    )
+    assert 'minlength="3"' in re.search(r'<input id="name"[^>]*>', html)[0]
