@@ -25,6 +25,7 @@ import websockets
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 from emporium_testbed.ingress import GATEWAY_PORT
+from emporium_testbed.oidc import MockOIDCProvider
 from emporium_testbed.process import pid_alive, port_open
 from emporium_testbed.toolchain import tool
 
@@ -223,6 +224,32 @@ def test_ingress_enforces_roles_and_public_routes(local, http):
         ).status_code
         == 401
     )
+
+
+def test_sign_in_with_the_local_openid_provider(local, http):
+    """make up's users service signs people up and in through the local OpenID provider (mock-oauth2-server),
+    every step of ours through the ingress: /auth/oidc/ is routed and public, linking needs a token."""
+    providers = http.get("/auth/oidc/providers")
+    assert providers.status_code == 200, providers.text
+    assert [(p["name"], p["display_name"]) for p in providers.json()] == [("mock", "Test ID (local)")]
+    start = http.get("/auth/oidc/mock/start")
+    assert start.status_code == 302, start.text
+    oidc_port = json.loads((local / "state.json").read_text())["oidc_port"]
+    assert start.headers["location"].startswith(f"http://127.0.0.1:{oidc_port}/emporium/authorize?")
+    name = f"oidc{uuid.uuid4().hex[:8]}"
+    provider = MockOIDCProvider(local / "data" / "oidc", port=oidc_port)
+    callback = provider.sign_in(
+        start.headers["location"], f"sub-{name}", {"email": f"{name}@example.com", "email_verified": True}
+    )
+    assert callback.startswith(f"{GATEWAY}/auth/oidc/mock/callback?")
+    finished = http.get(callback.removeprefix(GATEWAY))  # the client carries the start's cookie
+    assert finished.status_code == 200, finished.text
+    tokens = http.post("/auth/oidc/token", json={"code": finished.json()["code"]})
+    assert tokens.status_code == 200, tokens.text
+    me = http.get("/users/me", headers=bearer(tokens.json()["access_token"]))
+    assert me.status_code == 200 and me.json()["email"] == f"{name}@example.com"
+    assert http.get(callback.removeprefix(GATEWAY)).status_code == 400  # the callback works once
+    assert http.post("/auth/oidc/mock/link", json={}).status_code == 403  # the edge wants a token
 
 
 @pytest.mark.parametrize(

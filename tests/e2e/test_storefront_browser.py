@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -63,6 +64,7 @@ def new_browser() -> webdriver.Chrome:
     options.binary_location = "/usr/bin/chromium"
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every URL the browser requested
     driver = webdriver.Chrome(
         options=options, service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver")
     )
@@ -144,6 +146,11 @@ class Journey:
         element.clear()
         element.send_keys(value)
 
+    def fill_named(self, name: str, value: str) -> None:
+        element = self.driver.find_element(By.NAME, name)
+        element.clear()
+        element.send_keys(value)
+
     def submit(self, form_id: str) -> None:
         self.driver.find_element(By.CSS_SELECTOR, f"#{form_id} button[type=submit]").click()
 
@@ -173,6 +180,15 @@ class Journey:
         self.submit("register-form")
         self.wait_text(f"Welcome to Emporium, {name}!")
         return name
+
+    def requested_urls(self) -> list[str]:
+        """Every URL the browser requested (documents, redirects, scripts) since the last call."""
+        urls = []
+        for entry in self.driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                urls.append(message["params"]["request"]["url"])
+        return urls
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -363,6 +379,76 @@ def test_admin_journey(local, journeys):
         admin.wait_text("The product was deactivated")
         customer.open("/?q=" + product_name.split()[-1])
         customer.wait_text("Nothing found")
+
+
+# -- sign in with an OpenID Connect provider (issue 16) -----------------------------------------------
+
+
+def provider_login(shop: Journey, subject: str, claims: dict) -> None:
+    """On the provider's own login page (mock-oauth2-server, another origin): who signs in, and the claims of
+    the ID token it issues."""
+    shop.wait(lambda d: "/authorize" in d.current_url, 30, "not on the provider's sign-in page")
+    assert not shop.driver.current_url.startswith(SHOP + "/")
+    shop.fill_named("username", subject)
+    shop.fill_named("claims", json.dumps(claims))
+    shop.driver.find_element(By.CSS_SELECTOR, "form input[type=submit]").click()
+
+
+def sign_in_with_provider(shop: Journey, subject: str, claims: dict, next_path: str = "/") -> None:
+    shop.open("/login?next=" + next_path)
+    button = shop.driver.find_element(By.ID, "sign-in-with-mock")
+    assert button.text == "Sign in with Test ID (local)"
+    button.click()
+    provider_login(shop, subject, claims)
+
+
+def sign_out(shop: Journey) -> None:
+    shop.driver.find_element(By.CSS_SELECTOR, "form[action='/logout'] button").click()
+    shop.wait_text("You are signed out.")
+
+
+def test_sign_in_with_an_openid_provider(local, journeys):
+    """The storefront's button -> the users service (through the ingress) -> the local platform's real OpenID
+    provider -> back signed in: the tokens sealed in the HttpOnly session cookie, none in any URL."""
+    shop = journeys("oidc")
+    driver = shop.driver
+    name = f"oidc{uuid.uuid4().hex[:8]}"
+    claims = {"email": f"{name}@example.com", "email_verified": True, "preferred_username": name}
+    with shop.step("sign-up through the provider"):
+        sign_in_with_provider(shop, f"sub-{name}", claims, next_path="/cart")
+        shop.wait(lambda d: d.current_url == SHOP + "/cart", 30, "not back in the shop's cart")
+        shop.wait_text(f"Welcome, {name}!")
+        shop.axe()
+        assert f"Sign out ({name})" in shop.text()
+        session = next(c for c in driver.get_cookies() if c["name"].endswith("emporium_session"))
+        assert session["httpOnly"] and session["sameSite"] == "Lax"
+        assert not driver.execute_script("return document.cookie").count("emporium_session")
+        urls = shop.requested_urls()
+        assert any("/auth/oidc/mock/callback?" in u for u in urls), urls  # the real flow, through the edge
+        assert not [u for u in urls if "eyJ" in u or "access_token" in u], "a token in a URL"
+    with shop.step("the orders page works with the provider's account"):
+        shop.open("/account/orders")
+        assert "/login" not in driver.current_url
+    with shop.step("sign out, sign in again: the same account"):
+        sign_out(shop)
+        sign_in_with_provider(shop, f"sub-{name}", {})  # (issuer, sub) finds it; no email needed now
+        shop.wait_text(f"Welcome, {name}!")
+        assert f"Sign out ({name})" in shop.text()
+        sign_out(shop)
+    with shop.step("an unverified email never signs in to a password account"):
+        owner = shop.register()  # a password account ...
+        sign_out(shop)
+        unverified = {"email": f"{owner}@example.com", "email_verified": False}
+        sign_in_with_provider(shop, f"sub-{uuid.uuid4().hex[:8]}", unverified)  # ... its email, unverified
+        shop.wait_text("has not verified your email address")
+        assert urlsplit(driver.current_url).path == "/login"
+        shop.axe()
+        assert "Sign out" not in shop.text()
+    with shop.step("a verified email is not linked without the owner's password"):
+        verified = {"email": f"{owner}@example.com", "email_verified": True}
+        sign_in_with_provider(shop, f"sub-{uuid.uuid4().hex[:8]}", verified)
+        shop.wait_text("An account with this email address already exists")
+        assert "Sign out" not in shop.text()
 
 
 # -- browser clients of other origins -------------------------------------------------------------------

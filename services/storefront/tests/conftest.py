@@ -5,6 +5,7 @@ The real services behind the real ingress, in a real browser, are in tests/e2e/t
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class FakeShop:
     access_ttl: int = 900
     roles: tuple[str, ...] = ("customer",)
     issued: list[str] = field(default_factory=list)  # every access and refresh token handed out
+    providers: list[dict] = field(default_factory=list)  # the users service's OpenID Connect providers
+    login_codes: set[str] = field(default_factory=set)  # one-time codes its callback would hand out
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.calls.append(request)
@@ -83,6 +86,16 @@ class FakeShop:
             }
             self.issued += body.values()
             return httpx.Response(200, json={**body, "expires_in": 900})
+        if host == "users" and path == "/auth/oidc/providers":
+            return httpx.Response(200, json=self.providers)
+        if host == "users" and path == "/auth/oidc/token":
+            code = json.loads(request.content)["code"]
+            if code not in self.login_codes:
+                return httpx.Response(400, json={"detail": "Unknown login code", "code": "oidc_invalid_code"})
+            self.login_codes.discard(code)
+            body = {"access_token": fake_token(roles=self.roles), "refresh_token": "refresh-oidc"}
+            self.issued += body.values()
+            return httpx.Response(200, json={**body, "token_type": "bearer", "expires_in": 900})
         if host == "users" and path == "/users/me":
             return httpx.Response(200, json={"id": 7, "email": "user7@example.com", "username": "ann"})
         if host == "users" and path == "/users/logout":

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import httpx
 import pytest
 from emporium_storefront.config import StorefrontSettings
 from emporium_storefront.web import CSP, safe_next
@@ -151,6 +152,73 @@ def test_only_local_redirects():
     assert safe_next("/cart") == "/cart"
     for evil in ("//evil.test", "https://evil.test", "/\\evil.test", "", None):
         assert safe_next(evil) == "/"
+
+
+# -- sign in with an OpenID Connect provider -----------------------------------------------------------
+
+PROVIDER = {"name": "corp", "display_name": "Corp ID", "start_url": "/auth/oidc/corp/start"}
+
+
+async def start_provider_sign_in(client, next_url: str = "/cart") -> str:
+    """The provider's button -> the users service's start URL; returns the return_to it carries."""
+    response = await client.get("/login/with/corp", params={"next": next_url})
+    assert response.status_code == 303, response.text
+    location = httpx.URL(response.headers["location"])
+    assert location.path == "/auth/oidc/corp/start"
+    return location.params["return_to"]
+
+
+async def test_a_button_per_provider_of_the_users_service(client, shop):
+    shop.providers = [PROVIDER, {**PROVIDER, "name": "google", "display_name": "Google"}]
+    html = (await client.get("/login", params={"next": "/cart"})).text
+    assert 'id="sign-in-with-corp" href="/login/with/corp?next=/cart">Sign in with Corp ID</a>' in html
+    assert ">Sign in with Google</a>" in html
+    unknown = await client.get("/login/with/other")
+    assert unknown.status_code == 404 and "does not exist" in unknown.text
+
+
+async def test_no_providers_no_buttons(client, shop):
+    assert "Or sign in with" not in (await client.get("/login")).text
+
+
+async def test_the_callback_signs_in_with_the_one_time_code(client, shop):
+    shop.providers = [PROVIDER]
+    return_to = await start_provider_sign_in(client)
+    assert return_to.startswith("/login/oidc?s=") and "next=%2Fcart" in return_to
+    shop.login_codes.add("code-1")
+    response = await client.get(return_to + "&login_code=code-1")
+    assert response.status_code == 303 and response.headers["location"] == "/cart"  # a clean URL
+    page = await client.get("/cart")
+    assert "Welcome, ann!" in page.text and 'Sign out <span class="muted">(ann)' in page.text
+    cookie = client.cookies["emporium_session"]
+    assert not any(part in cookie for t in shop.issued for part in t.split("."))  # sealed
+    again = await client.get(return_to + "&login_code=code-1")  # the same callback URL: spent
+    assert again.headers["location"] == "/login?next=%2Fcart"
+
+
+async def test_a_callback_not_started_in_this_browser_is_refused(client, shop):
+    """Login CSRF: a callback URL someone else started (their code) does not sign this browser in."""
+    shop.providers = [PROVIDER]
+    return_to = await start_provider_sign_in(client)
+    shop.login_codes.add("attackers-code")
+    forged = return_to.replace("s=", "s=x", 1) + "&login_code=attackers-code"
+    response = await client.get(forged)
+    assert response.status_code == 303 and response.headers["location"].startswith("/login?")
+    page = await client.get(response.headers["location"])
+    assert "not valid here" in page.text and "Sign out" not in page.text
+    assert "attackers-code" in shop.login_codes  # never exchanged
+
+
+async def test_a_refusal_of_the_users_service_is_a_message(client, shop):
+    shop.providers = [PROVIDER]
+    return_to = await start_provider_sign_in(client)
+    response = await client.get(return_to + "&login_error=oidc_email_not_verified")
+    page = await client.get(response.headers["location"])
+    assert "has not verified your email address" in page.text and "Sign out" not in page.text
+    return_to = await start_provider_sign_in(client)
+    response = await client.get(return_to + "&login_code=unknown")
+    page = await client.get(response.headers["location"])
+    assert "did not finish" in page.text and "Sign out" not in page.text
 
 
 async def test_the_product_form_has_real_validation_attributes(client, shop):

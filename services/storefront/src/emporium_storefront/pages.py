@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import math
 import re
+import secrets
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
@@ -35,6 +38,8 @@ SORTS = {
 }
 CATEGORY_TTL_SECONDS = 60.0
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")  # the users service's pattern
+PROVIDERS_TTL_SECONDS = 60.0
 
 
 def _int(value: Any, default: int, low: int, high: int) -> int:
@@ -336,9 +341,100 @@ async def session_check(request: Request) -> Response:
 # -- sign in, register, sign out ---------------------------------------------------------------------
 
 
+async def sign_in_providers(request: Request) -> list[dict[str, str]]:
+    """The users service's OpenID Connect providers (one button each), cached a minute."""
+    state = request.app.state
+    cached = getattr(state, "sign_in_providers", None)
+    if cached and cached[0] > time.monotonic():
+        return cached[1]
+    try:
+        listed = await upstream_of(request).json("users", "GET", "/auth/oidc/providers")
+        providers = [
+            {"name": p["name"], "display_name": p["display_name"]}
+            for p in listed
+            if PROVIDER_NAME.match(str(p.get("name", ""))) and p.get("display_name")
+        ]
+    except (ApiError, Unavailable, KeyError, TypeError):
+        providers = cached[1] if cached else []
+    state.sign_in_providers = (time.monotonic() + PROVIDERS_TTL_SECONDS, providers)
+    return providers
+
+
+async def _login_page(request: Request, status_code: int = 200, **context: Any) -> HTMLResponse:
+    context.setdefault("email", "")
+    return render(request, "login.html", status_code, providers=await sign_in_providers(request), **context)
+
+
 @router.get("/login", response_class=HTMLResponse)
 async def login_page(request: Request) -> HTMLResponse:
-    return render(request, "login.html", next=safe_next(request.query_params.get("next")), email="")
+    return await _login_page(request, next=safe_next(request.query_params.get("next")))
+
+
+@router.get("/login/with/{provider}")
+async def login_with(request: Request, provider: str) -> Response:
+    """A "Sign in with <provider>" button: the users service runs the OpenID Connect flow (same origin,
+    through the ingress: /auth/oidc/) and sends the browser back to /login/oidc with a one-time login code."""
+    next_url = safe_next(request.query_params.get("next"))
+    if provider not in {p["name"] for p in await sign_in_providers(request)}:
+        error = "That sign-in option does not exist (any more). Please choose another one."
+        return await _login_page(request, 404, next=next_url, error=error)
+    # Binds the code that comes back to this browser's session: a sign-in link someone else started (login
+    # CSRF: signing the victim in to the attacker's account) does not match it.
+    pending = secrets.token_urlsafe(24)
+    session = session_of(request)
+    session["oidc_pending"] = pending
+    session.mark()
+    back = "/login/oidc?" + urlencode({"s": pending, "next": next_url})
+    return redirect(f"/auth/oidc/{provider}/start?" + urlencode({"return_to": back}))
+
+
+OIDC_ERRORS = {
+    "oidc_link_required": (
+        "An account with this email address already exists. Sign in with your password; you can link the "
+        "provider to it afterwards."
+    ),
+    "oidc_email_not_verified": (
+        "The provider has not verified your email address, so it cannot sign you in to an existing account."
+    ),
+    "oidc_email_missing": "The provider did not share your email address, which the shop needs.",
+    "oidc_provider_error": "Signing in was cancelled at the provider.",
+    "oidc_identity_in_use": "This provider account is already linked to another account.",
+    "forbidden": "This account is disabled.",
+}
+
+
+@router.get("/login/oidc")
+async def login_oidc(request: Request) -> Response:
+    """Where the users service sends the browser after the provider: the one-time login code becomes the
+    session (tokens sealed in the HttpOnly cookie), then a redirect to a clean URL. A refusal: the sign-in
+    page with a message."""
+    query = request.query_params
+    session = session_of(request)
+    next_url = safe_next(query.get("next"))
+    pending = session.pop("oidc_pending", None)  # one use
+    session.mark()
+    sent = query.get("s", "")
+    if not isinstance(pending, str) or not hmac.compare_digest(sent.encode(), pending.encode()):
+        return _refused(session, "That sign-in link is not valid here. Please sign in again.", next_url)
+    if code := query.get("login_error"):
+        error = OIDC_ERRORS.get(code, "Signing in with the provider did not work. Please try again.")
+        return _refused(session, error, next_url)
+    upstream = upstream_of(request)
+    try:
+        tokens = await upstream.json(
+            "users", "POST", "/auth/oidc/token", json={"code": query.get("login_code", "")[:256]}
+        )
+        profile = await upstream.json("users", "GET", "/users/me", token=tokens["access_token"])
+    except ApiError:
+        return _refused(session, "Signing in with the provider did not finish. Please try again.", next_url)
+    session.sign_in(tokens, user_from_token(tokens["access_token"], profile))
+    session.flash(f"Welcome, {session.user['username']}!", "success")
+    return redirect(next_url)
+
+
+def _refused(session: Any, message: str, next_url: str) -> Response:
+    session.flash(message, "error")
+    return redirect("/login?" + urlencode({"next": next_url}))
 
 
 async def _sign_in(request: Request, email: str, password: str) -> None:
@@ -367,7 +463,7 @@ async def login(request: Request) -> Response:
             message = "Please enter a valid email address and your password."
         else:
             message = "The email or password is not right. Please try again."
-        return render(request, "login.html", 400, next=next_url, email=email, error=message)
+        return await _login_page(request, 400, next=next_url, email=email, error=message)
     session_of(request).flash(f"Welcome back, {session_of(request).user['username']}!", "success")
     return redirect(next_url)
 
