@@ -56,6 +56,8 @@ class FakeShop:
     issued: list[str] = field(default_factory=list)  # every access and refresh token handed out
     providers: list[dict] = field(default_factory=list)  # the users service's OpenID Connect providers
     login_codes: set[str] = field(default_factory=set)  # one-time codes its callback would hand out
+    versions: dict[int, int] = field(default_factory=dict)  # product id -> version (its ETag)
+    stock_writes: list[int] = field(default_factory=list)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.calls.append(request)
@@ -69,7 +71,19 @@ class FakeShop:
             )
         if host == "products" and (m := re.fullmatch(r"/products/(\d+)", path)):
             found = [p for p in PRODUCTS if p["id"] == int(m[1])]
-            return httpx.Response(200, json=found[0]) if found else httpx.Response(404, json={"detail": "x"})
+            if not found:
+                return httpx.Response(404, json={"detail": "x"})
+            etag = f'"{m[1]}-{self.versions.get(int(m[1]), 0)}"'
+            return httpx.Response(200, json=found[0], headers={"ETag": etag})
+        if host == "products" and (m := re.fullmatch(r"/products/(\d+)/stock", path)) and method == "PATCH":
+            # the products service: an absolute level needs If-Match with the current ETag
+            current = f'"{m[1]}-{self.versions.get(int(m[1]), 0)}"'
+            if "If-Match" not in request.headers:
+                return httpx.Response(428, json={"detail": "needs If-Match", "code": "precondition_required"})
+            if request.headers["If-Match"] != current:
+                return httpx.Response(412, json={"detail": "changed", "code": "precondition_failed"})
+            self.stock_writes.append(json.loads(request.content)["stock_quantity"])
+            return httpx.Response(200, json={"id": int(m[1])})
         if host == "users" and path == "/users/login":
             body = {
                 "access_token": fake_token(roles=self.roles, ttl=self.access_ttl),

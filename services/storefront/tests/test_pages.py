@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from html import unescape
 
 import httpx
 import pytest
@@ -234,3 +235,21 @@ async def test_the_product_form_has_real_validation_attributes(client, shop):
         re.fullmatch(pattern, "34.90") and re.fullmatch(pattern, "12") and not re.fullmatch(pattern, "1.234")
     )
     assert 'minlength="3"' in re.search(r'<input id="name"[^>]*>', html)[0]
+
+
+async def test_setting_the_stock_sends_the_etag_the_page_was_shown_with(client, shop):
+    """An absolute stock level needs If-Match: a sale since the page was read makes it a 412, not a silent
+    undo of the sale."""
+    shop.roles = ("admin",)
+    await sign_in(client)
+    html = (await client.get("/admin/products/3")).text
+    token, etag = csrf_of(html), unescape(re.search(r'name="etag" value="([^"]+)"', html)[1])
+    assert etag == '"3-0"'  # as the browser sends it back
+    form = {"csrf_token": token, "etag": etag, "stock_quantity": "9"}
+    response = await client.post("/admin/products/3/stock", data=form)
+    assert response.status_code == 303 and shop.stock_writes == [9]
+    assert "Stock set to 9." in (await client.get("/admin/products/3")).text
+    shop.versions[3] = 1  # an order reserved some meanwhile
+    await client.post("/admin/products/3/stock", data={**form, "stock_quantity": "4"})
+    page = (await client.get("/admin/products/3")).text
+    assert "The product changed since this page was shown" in page and shop.stock_writes == [9]

@@ -92,22 +92,24 @@ async def create_product(request: Request) -> Response:
 @router.get("/products/{product_id}", response_class=HTMLResponse)
 async def edit_product(request: Request, product_id: int) -> HTMLResponse:
     await admin_token(request)
-    product = await _get_product(request, product_id)
+    product, etag = await _get_product_and_etag(request, product_id)
     if product is None:
         return render(request, "error.html", 404, title="Product not found", message="No such product.")
     form = {k: product.get(k) or "" for k in PRODUCT_FIELDS} | {"is_active": product["is_active"]}
-    return render(request, "admin/product_form.html", product=product, form=form, errors={})
+    return render(request, "admin/product_form.html", product=product, form=form, errors={}, etag=etag)
 
 
-async def _get_product(request: Request, product_id: int) -> dict | None:
+async def _get_product_and_etag(request: Request, product_id: int) -> tuple[dict | None, str]:
+    """The product and its ETag (the version the stock form's absolute level was chosen from)."""
     if not 1 <= product_id < 2**31:
-        return None
+        return None, ""
     try:
-        return await upstream_of(request).json("products", "GET", f"/products/{product_id}")
+        response = await upstream_of(request).call("products", "GET", f"/products/{product_id}")
     except ApiError as error:
         if error.status in (404, 422):
-            return None
+            return None, ""
         raise
+    return response.json(), response.headers.get("etag", "")
 
 
 @router.post("/products/{product_id}")
@@ -121,10 +123,12 @@ async def update_product(request: Request, product_id: int) -> Response:
         )
     except ApiError as error:
         _handle(request, error)
-        product = await _get_product(request, product_id)
+        product, etag = await _get_product_and_etag(request, product_id)
         errors = error.field_errors() or {"sku" if error.status == 409 else "name": error.message}
         form = {**form, "is_active": form.get("is_active") == "on"}
-        return render(request, "admin/product_form.html", 400, product=product, form=form, errors=errors)
+        return render(
+            request, "admin/product_form.html", 400, product=product, form=form, errors=errors, etag=etag
+        )
     request.app.state.categories = None
     session_of(request).flash("The product was saved.", "success")
     return redirect(f"/admin/products/{product_id}")
@@ -150,6 +154,9 @@ async def set_stock(request: Request, product_id: int) -> Response:
     form = await check_csrf(request)
     token = await admin_token(request)
     quantity = _int(form.get("stock_quantity"), -1)
+    # An absolute level undoes whatever sold since the page was read: the products service takes it only
+    # with If-Match, the ETag of the product as the page showed it (412 when it changed meanwhile).
+    etag = form.get("etag", "")
     try:
         await upstream_of(request).json(
             "products",
@@ -157,10 +164,19 @@ async def set_stock(request: Request, product_id: int) -> Response:
             f"/products/{product_id}/stock",
             token=token,
             json={"stock_quantity": quantity},
+            headers={"If-Match": etag} if etag else None,
         )
     except ApiError as error:
         _handle(request, error)
-        message = "Stock must be a whole number, 0 or more." if error.status == 422 else error.message
+        if error.status == 422:
+            message = "Stock must be a whole number, 0 or more."
+        elif error.status in (412, 428):
+            message = (
+                "The product changed since this page was shown (an order or another administrator). "
+                "Check the stock shown now and set it again."
+            )
+        else:
+            message = error.message
         session_of(request).flash(f"The stock was not changed: {message}", "error")
         return redirect(f"/admin/products/{product_id}")
     session_of(request).flash(f"Stock set to {quantity}.", "success")
