@@ -15,7 +15,7 @@ export PATH="$EMPORIUM_TOOLCHAIN_BIN:$PATH"
 if bash tools/kind/cluster.sh docker; then
   export EMPORIUM_DOCKER=1
 else
-  echo "== no usable Docker engine: the kind tests are skipped" >&2
+  echo "== no usable Docker engine (reason above): the kind tests will not run" >&2
   export EMPORIUM_DOCKER=0
 fi
 

@@ -4,8 +4,10 @@
 #  2. Istio from its own Helm charts (base, istiod, gateway) in the pinned istio.io/istio module source;
 #  3. the development data services (Postgres, RabbitMQ with management, mailpit) and the operator's CRDs
 #     and PostgresServer/RabbitServer objects;
-#  4. `skaffold run`: builds the five images from their Dockerfiles, loads them, installs the operator chart
-#     and the umbrella chart with hooks (the migration Jobs run), waits until everything is ready.
+#  4. what `skaffold run` does, in three steps: `skaffold build` (the five images and the operator's, from their
+#     Dockerfiles; started in the background at the beginning), one `kind load` of all of them, then
+#     `skaffold deploy`: the operator chart and the umbrella chart with hooks (the migration Jobs run), waiting
+#     until everything is ready; then the sample catalog through the ingress.
 #
 #   tools/kind/deploy.sh [--dev] [--ha | -p PROFILE]     (idempotent: re-running upgrades in place)
 #
@@ -34,6 +36,16 @@ done
 
 t0=$SECONDS
 log() { printf '\n==> [%3ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+# step NAME MESSAGE: logs MESSAGE and times the previous step into ~/.cache/emporium/timings.tsv as deploy/<name>
+# (tools/kind/timings.sh prints them)
+timings=${EMPORIUM_CACHE:-$HOME/.cache/emporium}/timings.tsv
+step_name= step_t=$SECONDS
+step() {
+  [ -z "$step_name" ] || printf '%s\tdeploy/%s\trun\t%s\t%s\n' "$(date -Is)" "$step_name" "$((SECONDS - step_t))" \
+    "${profile:-default}" >>"$timings"
+  step_name=$1 step_t=$SECONDS
+  [ -z "${2:-}" ] || log "$2"
+}
 die() { printf 'deploy: %s\n' "$*" >&2; exit 1; }
 for tool in docker kind kubectl helm skaffold go; do
   command -v "$tool" >/dev/null || die "$tool is not on PATH (make kind-up sets PATH up)"
@@ -46,42 +58,74 @@ ISTIO_VERSION=$(sed -n 's/^ISTIO_VERSION=//p' "$root/tools/toolchain/versions.en
 istio_charts=$(cd "$root/tools/toolchain/istio" && GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download istio.io/istio &&
   GOTOOLCHAIN=local GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' istio.io/istio)/manifests/charts
 
-log "add-on images (tools/images/build.sh; logs in ~/.cache/emporium/images/logs)"
+step add-on-images "add-on images (tools/images/build.sh; logs in ~/.cache/emporium/images/logs)"
 bash "$root/tools/images/build.sh"
-log "loading the add-on images into kind"
-for image in $(bash "$root/tools/images/build.sh" --list | grep '^emporium.local/' | grep -v '/debian:'); do
-  kind load docker-image --name "$cluster" "$image" >/dev/null
-done
 
-log "namespaces"
+cd "$root"
+args=(--kube-context "$context" ${profile:+-p "$profile"})
+work=$(mktemp -d "${TMPDIR:-/tmp}/emporium-deploy.XXXXXX")
+build_pid=
+trap 'rm -rf "$work"; [ -z "$build_pid" ] || { pkill -P "$build_pid"; kill "$build_pid"; } 2>/dev/null || true' EXIT
+skaffold_log=${EMPORIUM_CACHE:-$HOME/.cache/emporium}/kind/logs/skaffold-build.log
+if [ "$mode" = run ]; then
+  # our five images and the operator's, built (or found in skaffold's cache) while the add-ons install
+  log "skaffold build in the background (log: $skaffold_log)"
+  (
+    started=$SECONDS
+    skaffold build "${args[@]}" --file-output "$work/build.json" >"$skaffold_log" 2>&1
+    printf '%s\tdeploy/skaffold-build\trun\t%s\t%s\n' "$(date -Is)" "$((SECONDS - started))" "${profile:-default}" \
+      >>"$timings"
+  ) &
+  build_pid=$!
+fi
+
+# one `kind load` for all of them: one archive, their shared Debian layers once (a node that already has an
+# image, e.g. a reused cluster, skips it)
+step load-add-on-images "loading the add-on images into kind"
+mapfile -t addons < <(bash "$root/tools/images/build.sh" --list | grep '^emporium.local/' | grep -v '/debian:')
+kind load docker-image --name "$cluster" "${addons[@]}" >/dev/null
+
+step namespaces "namespaces"
 kc apply -f "$root/k8s/namespaces.yaml" >/dev/null
 
-log "Istio $ISTIO_VERSION from $istio_charts (base, istiod, ingress gateway on NodePort 30080 -> 127.0.0.1:8080)"
+step data-services-apply "development data services: Postgres, RabbitMQ, mailpit (started now, waited for after Istio)"
+kc apply -f "$root/k8s/dev/postgres.yaml" -f "$root/k8s/dev/rabbitmq.yaml" -f "$root/k8s/dev/mailpit.yaml" >/dev/null
+
+step istio "Istio $ISTIO_VERSION from $istio_charts (base, istiod, ingress gateway on NodePort 30080 -> 127.0.0.1:8080)"
 hi istio-base "$istio_charts/base" -n istio-system --create-namespace -f "$root/k8s/istio/base-values.yaml"
 hi istiod "$istio_charts/istio-control/istio-discovery" -n istio-system -f "$root/k8s/istio/istiod-values.yaml" \
   --set global.tag="$ISTIO_VERSION"
 hi istio-ingressgateway "$istio_charts/gateway" -n istio-system -f "$root/k8s/istio/gateway-values.yaml"
 
-log "development data services: Postgres, RabbitMQ, mailpit"
-kc apply -f "$root/k8s/dev/postgres.yaml" -f "$root/k8s/dev/rabbitmq.yaml" -f "$root/k8s/dev/mailpit.yaml" >/dev/null
+step data-services-wait "waiting for Postgres, RabbitMQ, mailpit"
 kc -n data rollout status statefulset/postgres --timeout=5m
 kc -n data rollout status statefulset/rabbitmq --timeout=5m
 kc -n mail rollout status deployment/mailpit --timeout=5m
 
-log "operator CRDs, then the PostgresServer/RabbitServer objects (development credentials)"
+step operator-crds "operator CRDs, then the PostgresServer/RabbitServer objects (development credentials)"
 kc apply --server-side -f "$root/charts/emporium-operator/crds/" >/dev/null
 kc wait --for=condition=Established crd --all --timeout=60s >/dev/null
 kc apply -f "$root/k8s/dev/servers.yaml" >/dev/null
 
-log "skaffold $mode${profile:+ -p $profile} (builds the five images, operator chart, then the platform with its hooks)"
-cd "$root"
-args=(--kube-context "$context" ${profile:+-p "$profile"})
 if [ "$mode" = dev ]; then
+  log "skaffold dev${profile:+ -p $profile} (builds the images, the operator chart, then the platform with its hooks)"
+  rm -rf "$work"
   exec skaffold dev "${args[@]}" --port-forward=user
 fi
-skaffold run "${args[@]}"
+step skaffold-build-wait "waiting for skaffold build (log: $skaffold_log)"
+wait "$build_pid" || {
+  tail -n 30 "$skaffold_log" >&2
+  die "skaffold build failed (the image and step are above; full log: $skaffold_log)"
+}
+build_pid=
+mapfile -t built < <(python3 -c 'import json, sys; print("\n".join(b["tag"] for b in json.load(open(sys.argv[1]))["builds"]))' \
+  "$work/build.json")
+step load-images "loading our ${#built[@]} images into kind (one archive: the shared Python layers once)"
+kind load docker-image --name "$cluster" "${built[@]}" >/dev/null
+step skaffold-deploy "skaffold deploy${profile:+ -p $profile} (the operator chart, then the platform with its hooks: the migration Jobs)"
+skaffold deploy "${args[@]}" --build-artifacts "$work/build.json" --load-images=false
 
-log "waiting for the ingress (http://127.0.0.1:8080/health)"
+step ingress "waiting for the ingress (http://127.0.0.1:8080/health)"
 for _ in $(seq 1 60); do
   code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/health || true)
   [ "$code" = 200 ] && break
@@ -90,7 +134,7 @@ done
 [ "$code" = 200 ] || die "the ingress answers $code on http://127.0.0.1:8080/health (kubectl --context $context -n istio-system logs deploy/istio-ingressgateway)"
 
 secret() { kc -n emporium get secret users-admin -o "jsonpath={.data.$1}" | base64 -d; }
-log "the sample catalog, added as the admin through the ingress (as make up does; existing SKUs are kept)"
+step sample-catalog "the sample catalog, added as the admin through the ingress (as make up does; existing SKUs are kept)"
 python3 - "$root/tools/testbed/src/emporium_testbed/data/sample-catalog.json" "$(secret ADMIN_EMAIL)" \
   "$(secret ADMIN_PASSWORD)" <<'PY'
 import json, sys, urllib.error, urllib.request
@@ -114,6 +158,8 @@ for product in json.load(open(catalog)):
 print(f"sample catalog: {added} added")
 PY
 
+step end
+printf '%s\tdeploy/total\trun\t%s\t%s\n' "$(date -Is)" "$((SECONDS - t0))" "${profile:-default}" >>"$timings"
 cat <<EOF
 
 Emporium is running on kind (context $context), ready after $((SECONDS - t0)) s:

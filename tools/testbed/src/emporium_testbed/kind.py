@@ -37,9 +37,6 @@ class KindError(RuntimeError):
 def kind_unavailable() -> str | None:
     """Why the kind platform cannot run here, or None when it can (Docker runs containers, or we are root
     and tools/kind/cluster.sh installs and starts it)."""
-    wanted = os.environ.get("EMPORIUM_KIND", "1" if RUN_BY_DEFAULT else "0")
-    if wanted == "0":
-        return "the kind suite is off (EMPORIUM_KIND=1 runs it)"
     if os.environ.get("EMPORIUM_DOCKER") == "0":  # tools/test.sh: tools/kind/cluster.sh docker found none
         return "Docker cannot run containers here (EMPORIUM_DOCKER=0)"
     if not CLUSTER_SCRIPT.exists():

@@ -1,21 +1,28 @@
-"""`make up` end to end: the local platform comes up from the charts, the README walkthrough works through
-the real ingress (istiod + Envoy enforcing the chart's JWT and authorization rules), and `make down`
-leaves no process behind.
+"""The end-to-end suite, written once and run against both platforms: `make up` ("local": processes on this
+machine, istiod + upstream Envoy as the ingress) and `make kind-up` ("kind": a kind cluster with real images,
+pods, sidecars and Istio). The README walkthrough, the JWT and path rules at the edge, 25 concurrent orders on
+stock 10, order -> notification over the websocket, a `kubectl apply` of a new PostgresDatabase whose Secret
+(on kind) a pod then uses, and the load generator's journeys.
 
-One module-scoped platform in a temporary root; the ingress uses fixed ports (8080, 15000, 15010, 15021),
-so a `make up` already running on the machine makes this test fail at start with a clear message.
+The local platform is module-scoped, started in a temporary root by the fixture and stopped (`make down`, no
+process left) before the kind tests start; the kind one is the session's cluster (tests/e2e/conftest.py:
+created by the first kind test, deleted at the session's end). Both answer on the fixed port 8080, so they run
+one after the other (conftest.py orders every kind test last).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import json
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,10 +37,31 @@ from emporium_testbed.process import pid_alive, port_open
 from emporium_testbed.toolchain import tool
 
 GATEWAY = f"http://127.0.0.1:{GATEWAY_PORT}"
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = pytest.mark.timeout(2400)
 
 
-def platform(root: Path, command: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+@dataclass
+class Platform:
+    """What a test needs from a running platform besides its ingress."""
+
+    name: str
+    kubectl_args: list[str]  # how to reach its API server
+    admin_env: Callable[[], dict[str, str]]  # ADMIN_EMAIL, ADMIN_PASSWORD
+    mails: Callable[[], list[str]]  # every mail the SMTP sink received (raw text or JSON)
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        result = subprocess.run(
+            [tool("kubectl"), *self.kubectl_args, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+
+def run_platform(root: Path, command: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "emporium_testbed.platform", command, "--root", str(root)],
         capture_output=True,
@@ -42,43 +70,49 @@ def platform(root: Path, command: str, timeout: float = 900) -> subprocess.Compl
     )
 
 
-@pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory):
-    assert not port_open("127.0.0.1", GATEWAY_PORT), "port 8080 is taken (is `make up` running? `make down`)"
-    root = tmp_path_factory.mktemp("platform")
+@contextlib.contextmanager
+def local_platform(root: Path):
     for folder in (root, root.parent, root.parent.parent):
         folder.chmod(folder.stat().st_mode | 0o111)  # postgres and rabbitmq users traverse into it
     started = time.monotonic()
     try:
-        up = platform(root, "up")
+        up = run_platform(root, "up")
         assert up.returncode == 0, f"make up failed:\n{up.stdout[-3000:]}\n{up.stderr[-5000:]}"
         print(f"cold up: {time.monotonic() - started:.0f} s")
-        yield root
+        yield Platform(
+            name="local",
+            kubectl_args=[f"--kubeconfig={root / 'kubeconfig'}"],
+            admin_env=lambda: dict(line.split("=", 1) for line in (root / "admin.env").read_text().split()),
+            mails=lambda: [p.read_text(errors="replace") for p in (root / "mail").glob("*.eml")],
+        )
     finally:
         pids = [int(p.read_text()) for p in root.rglob("*.pid") if p.read_text().strip().isdigit()]
-        down = platform(root, "down", timeout=300)
+        down = run_platform(root, "down", timeout=300)
         assert down.returncode == 0, down.stderr
         alive = [pid for pid in pids if pid_alive(pid)]
         assert not alive, f"processes left after down: {alive}"
         assert not port_open("127.0.0.1", GATEWAY_PORT)
 
 
+@pytest.fixture(scope="module", params=["local", "kind"])
+def platform(request, tmp_path_factory: pytest.TempPathFactory):
+    if request.param == "local":
+        assert not port_open("127.0.0.1", GATEWAY_PORT), (
+            "port 8080 is taken (is `make up` running? `make down`)"
+        )
+        with local_platform(tmp_path_factory.mktemp("platform")) as running:
+            yield running
+    else:
+        cluster = request.getfixturevalue("kind_cluster")  # tests/e2e/conftest.py: one per session
+        yield Platform(
+            name="kind", kubectl_args=cluster.kubectl_args, admin_env=cluster.admin_env, mails=cluster.mails
+        )
+
+
 @pytest.fixture(scope="module")
-def http():
+def http(platform):
     with httpx.Client(base_url=GATEWAY, timeout=20) as client:
         yield client
-
-
-def kubectl(root: Path, *args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(
-        [tool("kubectl"), f"--kubeconfig={root / 'kubeconfig'}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def register_and_login(http: httpx.Client) -> tuple[dict, str]:
@@ -91,8 +125,8 @@ def register_and_login(http: httpx.Client) -> tuple[dict, str]:
     return created.json(), login.json()["access_token"]
 
 
-def admin_token(root: Path, http: httpx.Client) -> str:
-    env = dict(line.split("=", 1) for line in (root / "admin.env").read_text().split())
+def admin_token(platform: Platform, http: httpx.Client) -> str:
+    env = platform.admin_env()
     login = http.post("/users/login", json={"email": env["ADMIN_EMAIL"], "password": env["ADMIN_PASSWORD"]})
     assert login.status_code == 200, login.text
     return login.json()["access_token"]
@@ -102,7 +136,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_readme_walkthrough(local, http):
+def test_readme_walkthrough(platform, http):
     assert http.get("/health").status_code == 200
     user, token = register_and_login(http)
     me = http.get("/users/me", headers=bearer(token))
@@ -133,13 +167,15 @@ def test_readme_walkthrough(local, http):
     assert len(for_order) == 1 and for_order[0]["type"] == "order_confirmation"
     assert for_order[0]["recipient_email"] == user["email"]
     assert len(welcome) == 1
-    mails = [p.read_text(errors="replace") for p in (local / "mail").glob("*.eml")]
-    assert any(user["email"] in mail for mail in mails)
+    deadline = time.monotonic() + 30
+    while not any(user["email"] in mail for mail in platform.mails()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert any(user["email"] in mail for mail in platform.mails())
 
 
-def test_kubectl_walkthrough(local):
+def test_kubectl_walkthrough(platform):
     for kind in ("postgresdatabases", "rabbittopologies"):
-        listing = kubectl(local, "get", kind, "-n", "emporium")
+        listing = platform.kubectl("get", kind, "-n", "emporium")
         assert "READY" in listing.upper()
         rows = listing.strip().splitlines()[1:]
         assert rows and all(" True " in f" {row} " for row in rows), listing
@@ -149,9 +185,8 @@ def test_kubectl_walkthrough(local):
         "metadata": {"name": "walkthrough", "namespace": "emporium"},
         "spec": {"serverRef": {"name": "postgres"}},
     }
-    kubectl(local, "apply", "-f", "-", stdin=yaml.safe_dump(database))
-    kubectl(
-        local,
+    platform.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(database))
+    platform.kubectl(
         "wait",
         "postgresdatabase/walkthrough",
         "-n",
@@ -159,13 +194,86 @@ def test_kubectl_walkthrough(local):
         "--for=condition=Ready",
         "--timeout=120s",
     )
-    secret = json.loads(kubectl(local, "get", "secret", "walkthrough-db", "-n", "emporium", "-o", "json"))
+    secret = json.loads(platform.kubectl("get", "secret", "walkthrough-db", "-n", "emporium", "-o", "json"))
     assert base64.b64decode(secret["data"]["dbname"]).decode() == "walkthrough"
+    if platform.name == "kind":
+        # a pod (outside the mesh: a plain client) connects with nothing but what the Secret holds
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "walkthrough-client",
+                "namespace": "emporium",
+                "annotations": {"sidecar.istio.io/inject": "false"},
+            },
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 70},
+                "containers": [
+                    {
+                        "name": "psql",
+                        "image": "emporium.local/postgres:15-bookworm",
+                        "imagePullPolicy": "IfNotPresent",
+                        # a new pod's address reaches the CNI's NetworkPolicy sets a moment after it
+                        # starts (until then Postgres' policy refuses it): retry for up to a minute
+                        "command": [
+                            "sh",
+                            "-c",
+                            'for i in $(seq 30); do psql "$DATABASE_URL" -tAc "select current_database()" '
+                            "&& exit 0; sleep 2; done; exit 1",
+                        ],
+                        "envFrom": [{"secretRef": {"name": "walkthrough-db"}}],
+                    }
+                ],
+            },
+        }
+        platform.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(pod))
+        try:
+            platform.kubectl(
+                "wait",
+                "pod/walkthrough-client",
+                "-n",
+                "emporium",
+                "--for=jsonpath={.status.phase}=Succeeded",
+                "--timeout=120s",
+            )
+            output = platform.kubectl("logs", "walkthrough-client", "-n", "emporium").strip()
+            assert output.splitlines()[-1] == "walkthrough", output
+        finally:
+            platform.kubectl("delete", "pod", "walkthrough-client", "-n", "emporium", "--wait=false")
 
 
-def _signing_key(local: Path, http: httpx.Client) -> tuple[str, object]:
+def test_concurrent_buyers_never_oversell(platform, http):
+    """25 orders for the last 10 pieces at once through the ingress: exactly 10 orders succeed, the
+    others are refused with a clear 4xx, and the stock ends at 0 (never negative)."""
+    product = {
+        "name": "Scarce item",
+        "price": "3.00",
+        "stock_quantity": 10,
+        "sku": f"SCARCE-{uuid.uuid4().hex[:6]}",
+    }
+    created = http.post("/products", json=product, headers=bearer(admin_token(platform, http)))
+    assert created.status_code == 201, created.text
+    product_id = created.json()["id"]
+    # 5 customers with 5 concurrent orders each (25 logins would trip the per-address login throttle)
+    tokens = [register_and_login(http)[1] for _ in range(5)] * 5
+
+    def buy(token: str) -> int:
+        with httpx.Client(base_url=GATEWAY, timeout=60) as client:
+            return client.post(
+                "/orders", json={"items": [{"product_id": product_id, "quantity": 1}]}, headers=bearer(token)
+            ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=25) as pool:
+        codes = list(pool.map(buy, tokens))
+    assert codes.count(201) == 10, codes
+    assert all(400 <= code < 500 for code in codes if code != 201), codes
+    assert http.get(f"/products/{product_id}").json()["stock_quantity"] == 0
+
+
+def _signing_key(platform: Platform, http: httpx.Client) -> tuple[str, object]:
     """The users service's current signing key (from its Secret) and its kid (from the published JWKS)."""
-    secret = json.loads(kubectl(local, "get", "secret", "users-jwt-keys", "-n", "emporium", "-o", "json"))
+    secret = json.loads(platform.kubectl("get", "secret", "users-jwt-keys", "-n", "emporium", "-o", "json"))
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     key = load_pem_private_key(base64.b64decode(secret["data"]["current.pem"]), password=None)
@@ -177,9 +285,9 @@ def _signing_key(local: Path, http: httpx.Client) -> tuple[str, object]:
     raise AssertionError("the current signing key is not in the published key set")
 
 
-def test_ingress_rejects_bad_tokens(local, http):
+def test_ingress_rejects_bad_tokens(platform, http):
     _, token = register_and_login(http)
-    kid, key = _signing_key(local, http)
+    kid, key = _signing_key(platform, http)
     claims = jwt.decode(token, options={"verify_signature": False})
     now = int(time.time())
     expired = jwt.encode(
@@ -206,7 +314,7 @@ def test_ingress_rejects_bad_tokens(local, http):
         assert response.status_code == 401, (response.status_code, response.text)
 
 
-def test_ingress_enforces_roles_and_public_routes(local, http):
+def test_ingress_enforces_roles_and_public_routes(platform, http):
     _, customer = register_and_login(http)
     product = {
         "name": "Edge case",
@@ -215,7 +323,9 @@ def test_ingress_enforces_roles_and_public_routes(local, http):
         "sku": f"EDGE-{uuid.uuid4().hex[:6]}",
     }
     assert http.post("/products", json=product, headers=bearer(customer)).status_code == 403
-    assert http.post("/products", json=product, headers=bearer(admin_token(local, http))).status_code == 201
+    assert (
+        http.post("/products", json=product, headers=bearer(admin_token(platform, http))).status_code == 201
+    )
     for public in ("/health", "/products", "/.well-known/jwks.json", "/.well-known/openid-configuration"):
         assert http.get(public).status_code == 200, public
     assert (
@@ -256,14 +366,14 @@ def test_sign_in_with_the_local_openid_provider(local, http):
     "path",
     ["//orders", "/products/../orders", "/%2Forders", "/orders%2F", "/products/..%2Forders", "/ORDERS"],
 )
-def test_path_tricks_cannot_bypass_rules(local, http, path):
+def test_path_tricks_cannot_bypass_rules(platform, http, path):
     # an absolute URL: relative to the base URL, httpx would send "//orders" as "/" (a network-path reference)
     response = http.get(f"{GATEWAY}{path}")
     # Refused or not found, never the protected list served without a token.
     assert response.status_code in (400, 401, 403, 404), (path, response.status_code, response.text[:200])
 
 
-def test_websocket_through_ingress_delivers_only_own_events(local, http):
+def test_websocket_through_ingress_delivers_only_own_events(platform, http):
     _, mine = register_and_login(http)
     _, theirs = register_and_login(http)
     product = next(
@@ -304,8 +414,8 @@ def test_websocket_through_ingress_delivers_only_own_events(local, http):
     assert http.get("/ws/notifications").status_code in (401, 403)  # no token, no socket
 
 
-def test_load_generator_journeys_run_without_failures(local, tmp_path):
-    """The loadgenerator chart's locustfile, briefly against the local ingress (4 users, 10 s)."""
+def test_load_generator_journeys_run_without_failures(platform, tmp_path):
+    """The loadgenerator chart's locustfile, briefly against the ingress (4 users, 10 s; 20 s on kind)."""
     locustfile = Path(__file__).resolve().parents[2] / "charts" / "loadgenerator" / "files" / "locustfile.py"
     run = subprocess.run(
         [
@@ -322,7 +432,7 @@ def test_load_generator_journeys_run_without_failures(local, tmp_path):
             "-r",
             "4",
             "-t",
-            "10s",
+            "10s" if platform.name == "local" else "20s",  # kind: pods on 2 shared cores answer slower
             "--csv",
             str(tmp_path / "load"),
             "--only-summary",
