@@ -26,7 +26,7 @@ CLUSTER = "emporium"
 CONTEXT = f"kind-{CLUSTER}"
 CLUSTER_SCRIPT = REPO_ROOT / "tools" / "kind" / "cluster.sh"
 # `make test` runs the kind suite whenever Docker can run containers (EMPORIUM_KIND=0 turns it off)
-RUN_BY_DEFAULT = False
+RUN_BY_DEFAULT = True
 LOG_DIR = Path(os.environ.get("EMPORIUM_CACHE", Path.home() / ".cache" / "emporium")) / "kind" / "logs"
 
 
