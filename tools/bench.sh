@@ -8,7 +8,8 @@ bash tools/bootstrap.sh
 EMPORIUM_TOOLCHAIN_BIN=$(bash tools/toolchain/build.sh | tail -n 1)
 export EMPORIUM_TOOLCHAIN_BIN PATH="$EMPORIUM_TOOLCHAIN_BIN:$PATH"
 
-for script in services/bench/bench_services.py operator/bench/bench_operator.py tools/bench_platform.py; do
+for script in services/bench/bench_services.py services/bench/bench_tracing.py operator/bench/bench_operator.py \
+  tools/bench_platform.py; do
   echo "== $script"
   uv run --locked python "$script" "$@"
 done

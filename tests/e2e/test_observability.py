@@ -13,6 +13,9 @@ the outbox age threshold (300 s) at 10 s and the backlog threshold (1000) at 2, 
 evaluation interval, so each round takes about a minute, not an hour. The operator runs with a 3 s drift
 check and 2 s retries, and the orders reaper with a 30 s grace every 5 s (chart values, set by helm upgrade).
 
+Traces: one order placed through the ingress is fetched from Jaeger's API as one trace from the gateway to
+the email, and the services' log lines carry its trace id.
+
 One module-scoped platform in a temporary root (fixed ingress ports: see test_local_platform.py).
 """
 
@@ -406,6 +409,73 @@ def test_bounded_load_through_the_ingress(local, http, shopper):
     while time.monotonic() < deadline and len(list(mail.glob("*.eml"))) < 5:
         time.sleep(1)
     assert len(list(mail.glob("*.eml"))) >= 5
+
+
+def _log_entries(root: Path, component: str) -> list[dict]:
+    entries = []
+    for line in (root / "logs" / f"{component}.log").read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                entries.append(entry)
+    return entries
+
+
+def test_one_trace_from_the_gateway_to_the_email(local, http, shopper):
+    """An order placed through the ingress is one trace in Jaeger: the gateway's Envoy starts it, orders
+    and products continue it over HTTP, the outbox relay's publish and the notifications consumer over
+    RabbitMQ, then the email send. The services' log lines of that trace carry its id."""
+    from emporium_testbed.observability import LocalTracing
+
+    jaeger = LocalTracing(local, local / "logs").jaeger_url
+    order = http.post(
+        "/orders",
+        json={"items": [{"product_id": shopper["product_id"], "quantity": 1}]},
+        headers={"Authorization": f"Bearer {shopper['token']}"},
+    )
+    assert order.status_code == 201, order.text
+    request_id = order.headers["x-request-id"]
+    deadline = time.monotonic() + 60
+    trace_ids: set[str] = set()
+    while time.monotonic() < deadline and not trace_ids:
+        trace_ids = {
+            e["trace_id"]
+            for e in _log_entries(local, "orders")
+            if e.get("request_id") == request_id and e.get("trace_id")
+        }
+        time.sleep(0.5)
+    assert len(trace_ids) == 1, f"orders logged no single trace id for request {request_id}"
+    (trace_id,) = trace_ids
+
+    def complete(services: set[str], operations: set[str]) -> bool:
+        return (
+            {"orders", "products", "notifications"} <= services
+            and any("ingressgateway" in name for name in services)
+            and "emporium.events publish" in operations
+            and "notifications.events process" in operations
+            and "smtp send" in operations
+        )
+
+    data: dict = {"spans": [], "processes": {}}
+    services: set[str] = set()
+    operations: set[str] = set()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not complete(services, operations):
+        time.sleep(2)
+        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
+            data = httpx.get(f"{jaeger}/api/traces/{trace_id}", timeout=10).json()["data"][0]
+            services = {data["processes"][s["processID"]]["serviceName"] for s in data["spans"]}
+            operations = {s["operationName"] for s in data["spans"]}
+    assert complete(services, operations), (sorted(services), sorted(operations))
+    # one trace: every span but the root has its parent inside it, and the root is the gateway's
+    spans = data["spans"]
+    ids = {s["spanID"] for s in spans}
+    roots = [s for s in spans if not [r for r in s.get("references", []) if r["spanID"] in ids]]
+    assert len(roots) == 1, [(s["operationName"], s.get("references")) for s in roots]
+    assert "ingressgateway" in data["processes"][roots[0]["processID"]]["serviceName"]
+    for component in ("orders", "products", "notifications"):
+        lines = [e for e in _log_entries(local, component) if e.get("trace_id") == trace_id]
+        assert lines, f"{component} logged nothing with the order's trace id"
 
 
 def test_round_1_stopped_service_poison_and_drift(local, obs, shopper):

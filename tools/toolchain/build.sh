@@ -157,10 +157,9 @@ ensure() {
 tools=("$@")
 # Default: everything `make test` and `make up` use (the first run on a machine builds it all, later runs
 # reuse it): the control plane, kubectl, helm, kubeconform (chart tests), pilot-agent and istiod (the local
-# ingress), postgres_exporter (the local platform's Prometheus scrapes Postgres through it), and last
-# skaffold, the longest build and the one fewest tests need. otelcol and jaeger are built on request
-# (`build.sh jaeger`).
+# ingress), postgres_exporter, otelcol and jaeger (the local platform's metrics and traces; jaeger takes
+# 10-35 minutes on 2 cores, once), and last skaffold, the longest build and the one fewest tests need.
 [ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kube-controller-manager kubectl helm kubeconform pilot-agent \
-  pilot-discovery postgres_exporter skaffold)
+  pilot-discovery postgres_exporter otelcol jaeger skaffold)
 for t in "${tools[@]}"; do ensure "$t"; done
 echo "$bin"

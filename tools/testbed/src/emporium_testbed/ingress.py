@@ -29,6 +29,9 @@ READY_PORT = 15021  # the gateway's readiness (Envoy)
 # platform per machine.
 FIXED_PORTS = (GATEWAY_PORT, 15000, XDS_PORT, 15020, READY_PORT, 15090)
 ISTIO_MODULE_DIR = REPO_ROOT / "tools" / "toolchain" / "istio"
+# The trace collector istiod's OpenTelemetry provider names (the kind cluster's meshConfig); locally a
+# ServiceEntry of this host points at the local collector (LocalPlatform.start_tracing).
+OTEL_COLLECTOR_HOST = "otel-collector.observability.svc.cluster.local"
 
 
 @functools.cache
@@ -110,6 +113,8 @@ class LocalIngress:
             "accessLogFile": "/dev/stdout",
             # the kind cluster's format (no query strings: no ?access_token= in the log)
             "accessLogFormat": _cluster_mesh_config()["accessLogFormat"].rstrip("\n") + "\n",
+            # the chart's Telemetry (tracing.enabled) names a provider of the cluster's meshConfig
+            "extensionProviders": _cluster_mesh_config()["extensionProviders"],
             "defaultConfig": {"discoveryAddress": f"127.0.0.1:{XDS_PORT}", "controlPlaneAuthPolicy": "NONE"},
         }
         mesh_path = self.home / "mesh.yaml"

@@ -304,3 +304,133 @@ class LocalObservability:
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as response:
         return response.status == 200
+
+
+class LocalTracing:
+    """The trace pipeline of the local platform: the OpenTelemetry Collector (our minimal build: OTLP in,
+    batch, OTLP out) in front of Jaeger (v2, in-memory store, query API and UI). The services and the
+    ingress gateway's Envoy send OTLP to the collector; the collector forwards to Jaeger."""
+
+    def __init__(self, root: Path, logs: Path) -> None:
+        self.root = Path(root)
+        self.home = self.root / "observability"
+        self.logs = Path(logs)
+        self.run_dir = self.root / "run"
+        self.ports_path = self.home / "ports.json"
+        self.collector = ManagedProcess(
+            "otel-collector",
+            [],
+            self.logs / "otel-collector.log",
+            pid_path=self.run_dir / "observability-otelcol.pid",
+        )
+        self.jaeger = ManagedProcess(
+            "jaeger", [], self.logs / "jaeger.log", pid_path=self.run_dir / "observability-jaeger.pid"
+        )
+
+    def port(self, key: str) -> int:
+        return LocalObservability.port(self, key)  # type: ignore[arg-type]
+
+    @property
+    def otlp_http(self) -> str:
+        return f"http://127.0.0.1:{self.port('otlp-http')}"
+
+    @property
+    def jaeger_url(self) -> str:
+        return f"http://127.0.0.1:{self.port('jaeger-ui')}"
+
+    def collector_config(self) -> dict:
+        return {
+            "receivers": {
+                "otlp": {
+                    "protocols": {
+                        "grpc": {"endpoint": f"127.0.0.1:{self.port('otlp-grpc')}"},
+                        "http": {"endpoint": f"127.0.0.1:{self.port('otlp-http')}"},
+                    }
+                }
+            },
+            "processors": {"batch": {"timeout": "1s"}},
+            "exporters": {
+                "otlp_grpc": {
+                    "endpoint": f"127.0.0.1:{self.port('jaeger-otlp-grpc')}",
+                    "tls": {"insecure": True},
+                }
+            },
+            "service": {
+                "telemetry": {"metrics": {"level": "none"}, "traces": {"level": "none"}},
+                "pipelines": {
+                    "traces": {"receivers": ["otlp"], "processors": ["batch"], "exporters": ["otlp_grpc"]}
+                },
+            },
+        }
+
+    def jaeger_config(self) -> dict:
+        return {
+            "service": {
+                "extensions": ["jaeger_storage", "jaeger_query", "healthcheckv2"],
+                "pipelines": {
+                    "traces": {
+                        "receivers": ["otlp"],
+                        "processors": ["batch"],
+                        "exporters": ["jaeger_storage_exporter"],
+                    }
+                },
+                "telemetry": {
+                    "resource": {"service.name": "jaeger"},
+                    "metrics": {"level": "none"},
+                    "traces": {"level": "none"},
+                },
+            },
+            "extensions": {
+                "healthcheckv2": {
+                    "use_v2": True,
+                    "http": {"endpoint": f"127.0.0.1:{self.port('jaeger-health')}"},
+                },
+                "jaeger_query": {
+                    "storage": {"traces": "memstore"},
+                    "enable_tracing": False,  # no traces of its own (they would go to 127.0.0.1:4317)
+                    "http": {"endpoint": f"127.0.0.1:{self.port('jaeger-ui')}"},
+                    "grpc": {"endpoint": f"127.0.0.1:{self.port('jaeger-query-grpc')}"},
+                },
+                "jaeger_storage": {"backends": {"memstore": {"memory": {"max_traces": 20000}}}},
+            },
+            "receivers": {
+                "otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{self.port('jaeger-otlp-grpc')}"}}}
+            },
+            "processors": {"batch": {"timeout": "1s"}},
+            "exporters": {"jaeger_storage_exporter": {"trace_storage": "memstore"}},
+        }
+
+    def start(self) -> None:
+        from .toolchain import tool
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        for name, config in (("jaeger", self.jaeger_config()), ("otelcol", self.collector_config())):
+            (self.home / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if not self.jaeger.running():
+            self.jaeger.argv = [tool("jaeger"), f"--config={self.home / 'jaeger.yaml'}"]
+            self.jaeger.start()
+        self.jaeger.wait_ready(lambda: _http_ok(f"{self.jaeger_url}/api/services"), 60)
+        if not self.collector.running():
+            self.collector.argv = [tool("otelcol"), f"--config={self.home / 'otelcol.yaml'}"]
+            self.collector.start()
+        self.collector.wait_ready(lambda: _port_open(self.port("otlp-http")), 60)
+
+    def stop(self) -> None:
+        self.collector.stop()
+        self.jaeger.stop()
+
+    def status(self) -> list[tuple[str, bool, str]]:
+        return [
+            ("jaeger", self.jaeger.running(), self.jaeger_url),
+            (
+                "otel-collector",
+                self.collector.running(),
+                f"OTLP {self.otlp_http} (HTTP), 127.0.0.1:{self.port('otlp-grpc')} (gRPC)",
+            ),
+        ]
+
+
+def _port_open(port: int) -> bool:
+    from .process import port_open
+
+    return port_open("127.0.0.1", port)

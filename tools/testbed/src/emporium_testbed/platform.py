@@ -33,7 +33,7 @@ import yaml
 
 from .ingress import FIXED_PORTS, GATEWAY_NAMESPACE, LocalIngress
 from .local import DEFAULT_ROOT, OIDC_ISSUER_ID, LocalServers
-from .observability import LocalObservability
+from .observability import LocalObservability, LocalTracing
 from .process import (
     ManagedProcess,
     StartupError,
@@ -89,6 +89,7 @@ class LocalPlatform:
         self.ports_path = self.root / "ports.json"
         self.ingress = LocalIngress(self.root, self.kubeconfig, self.logs)
         self.observability = LocalObservability(self.root, self.servers)
+        self.tracing = LocalTracing(self.root, self.logs)
         self._failed = threading.Event()
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -289,13 +290,16 @@ class LocalPlatform:
         return kube_reader(client.CoreV1Api(config.new_client_from_config(config_file=str(self.kubeconfig))))
 
     def _addresses(self, deployments: list[dict]) -> dict[tuple[str, str], tuple[str, int]]:
-        return {
+        addresses = {
             (d["metadata"].get("namespace", NAMESPACE), d["metadata"]["name"]): (
                 "127.0.0.1",
                 self._port(f"{d['metadata']['name']}/http"),
             )
             for d in deployments
         }
+        # the services' OTLP endpoint (local values): the local OpenTelemetry Collector
+        addresses[("observability", "otel-collector")] = ("127.0.0.1", self.tracing.port("otlp-http"))
+        return addresses
 
     def workload(self, manifest: dict, namespace: str, addresses, kind: str = "deploy") -> Workload:
         manifest["metadata"].setdefault("namespace", namespace)
@@ -472,7 +476,7 @@ class LocalPlatform:
             background.append(future)
             return future
 
-        with ThreadPoolExecutor(6) as pool:
+        with ThreadPoolExecutor(7) as pool:
             try:
                 servers = [
                     beside("postgres", self.servers.start_postgres),
@@ -489,6 +493,7 @@ class LocalPlatform:
                 # migrated, so services need not wait for the operator; on a first start the wait for
                 # Ready below waits for it.
                 operator = beside("operator", self.start_operator)
+                tracing = beside("trace pipeline (OpenTelemetry Collector, Jaeger)", self.start_tracing)
                 for server in servers:
                     server.result()
                 self.step("databases, vhosts and topologies Ready", self.wait_for_resources)
@@ -498,6 +503,7 @@ class LocalPlatform:
                 self.step("prometheus, postgres_exporter", self.start_observability)
                 operator.result()
                 ingress.result()
+                tracing.result()
             except BaseException as error:
                 self._failed.set()  # the other threads stop at their next step
                 failure = error
@@ -565,7 +571,7 @@ class LocalPlatform:
         print(f"\nEmporium is up ({seconds:.0f} s): {url}")
         for w in workloads:
             print(f"  {w.name:14} http://127.0.0.1:{w.container.port}")
-        for name, _, address in self.observability.status():
+        for name, _, address in self.observability.status() + self.tracing.status():
             print(f"  {name:14} {address}")
         print(f"  admin credentials: {self.root / 'admin.env'}")
         print(f"  logs: {self.logs}  (make status, make down)")
@@ -575,6 +581,33 @@ class LocalPlatform:
         print(f"  1. the catalog:    curl -s '{url}/products?limit=3'")
         print("  2. the walkthrough in README.md (register, log in, order, see the notification)")
         print("  3. ten simulated shoppers for a minute:    make loadgen")
+
+    def start_tracing(self) -> None:
+        """Jaeger and the OpenTelemetry Collector; the gateway reaches the collector through a ServiceEntry
+        of the host istiod's OpenTelemetry provider names (the API server refuses loopback endpoints)."""
+        from .ingress import OTEL_COLLECTOR_HOST
+
+        self.tracing.start()
+        entry = {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": "otel-collector-local", "namespace": GATEWAY_NAMESPACE},
+            "spec": {
+                "hosts": [OTEL_COLLECTOR_HOST],
+                "location": "MESH_INTERNAL",
+                "resolution": "STATIC",
+                "ports": [
+                    {
+                        "number": 4317,
+                        "name": "grpc-otlp",
+                        "protocol": "GRPC",
+                        "targetPort": self.tracing.port("otlp-grpc"),
+                    }
+                ],
+                "endpoints": [{"address": "127.0.0.1"}],
+            },
+        }
+        self.apply(yaml.safe_dump(entry))
 
     def start_observability(self) -> None:
         """Prometheus scraping what the charts' ServiceMonitors and PodMonitors select (plus RabbitMQ and
@@ -614,7 +647,7 @@ class LocalPlatform:
             name = pid_file.stem.split("-", 1)[1]
             port = ports.get(f"{name}/http")
             rows.append((pid_file.stem, process.running(), f"http://127.0.0.1:{port}" if port else ""))
-        return rows + self.observability.status()
+        return rows + self.observability.status() + self.tracing.status()
 
 
 def _process_group(pid: int) -> int | None:

@@ -1,0 +1,164 @@
+"""What tracing costs: throughput of ``GET /products?limit=20`` on two products instances side by side, one
+with tracing off (``OTEL_TRACES_EXPORTER=none``) and one exporting every span (OTLP/HTTP to the local
+OpenTelemetry Collector, which forwards to Jaeger: the pipeline `make up` runs). Rounds alternate which
+instance goes first, so machine noise hits both alike. Loopback only; bounded in requests and time.
+
+    uv run python services/bench/bench_tracing.py [--requests 2000] [--rounds 6] [--concurrency 8]
+
+Prints requests/s of each and the overhead (the issue's budget: at most 10 %), and checks that the traced
+instance's spans did reach Jaeger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from bench_services import INTERNAL_TOKEN, run_phase, serve_jwks, start_service
+from emporium_common.migrations import upgrade_head
+from emporium_common.testing import TokenFactory
+
+SERVICES = Path(__file__).resolve().parents[1]
+
+
+async def seed(url: str, tokens: TokenFactory, count: int) -> None:
+    admin = tokens.auth_header("bench-admin", roles=["admin"])
+    async with httpx.AsyncClient(timeout=30) as client:
+        for i in range(count):
+            body = {
+                "name": f"Bench product {i}",
+                "price": f"{(i * 37) % 9999 + 1}.00",
+                "stock_quantity": 1000,
+                "sku": f"TRACE-{uuid.uuid4().hex[:12]}",
+                "category": f"cat-{i % 10}",
+            }
+            (await client.post(f"{url}/products", json=body, headers=admin)).raise_for_status()
+
+
+async def measure(urls: dict[str, str], args) -> dict[str, dict]:
+    limits = httpx.Limits(
+        max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2
+    )
+    totals = {name: {"requests": 0, "seconds": 0.0, "errors": 0} for name in urls}
+    per_round = max(1, args.requests // args.rounds)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        def lister(url: str):
+            async def list_products() -> bool:
+                response = await client.get(f"{url}/products", params={"limit": 20})
+                return response.status_code == 200
+
+            return list_products
+
+        for name, url in urls.items():  # warm both (connections, caches, the exporter's first batch)
+            await run_phase(f"warm-up {name}", lister(url), 100, 4, 10)
+        names = list(urls)
+        for round_ in range(args.rounds):
+            for name in names if round_ % 2 == 0 else reversed(names):
+                result = await run_phase(
+                    name, lister(urls[name]), per_round, args.concurrency, args.max_seconds
+                )
+                totals[name]["requests"] += result["requests"]
+                totals[name]["seconds"] += result["seconds"]
+                totals[name]["errors"] += result["errors"]
+    for figures in totals.values():
+        figures["rps"] = round(figures["requests"] / figures["seconds"], 1) if figures["seconds"] else 0.0
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="requests per instance (cap)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--products", type=int, default=100)
+    parser.add_argument("--max-seconds", type=float, default=15.0, help="time cap per round and instance")
+    args = parser.parse_args()
+
+    from emporium_testbed.observability import LocalTracing
+    from emporium_testbed.postgres import PostgresServer
+
+    with tempfile.TemporaryDirectory(prefix="emporium-bench-tracing-") as tmp:
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o755)
+        processes: list[subprocess.Popen] = []
+        postgres = tracing = jwks_server = None
+        try:
+            postgres = PostgresServer(tmp_path / "postgres").start()
+            db = f"bench_tracing_{uuid.uuid4().hex[:6]}"
+            subprocess.run(
+                ["psql", "-X", "-q", "-d", postgres.admin_dsn, "-c", f'CREATE DATABASE "{db}"'], check=True
+            )
+            dsn = postgres.admin_dsn.rsplit("/", 1)[0] + f"/{db}"
+            upgrade_head(SERVICES / "products" / "alembic.ini", dsn)
+            tracing = LocalTracing(tmp_path, tmp_path / "logs")
+            tracing.start()
+            tokens = TokenFactory()
+            jwks_server, jwks_url = serve_jwks(tokens.jwks)
+            base = {
+                "DATABASE_URL": dsn,
+                "JWKS_URL": jwks_url,
+                "INTERNAL_TOKEN": INTERNAL_TOKEN,
+                "AMQP_URL": "",
+            }
+            urls = {}
+            for name, extra in (
+                ("tracing off", {"OTEL_TRACES_EXPORTER": "none", "SERVICE_NAME": "products-untraced"}),
+                (
+                    "tracing on",
+                    {
+                        "OTEL_TRACES_EXPORTER": "otlp",
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": tracing.otlp_http,
+                        "SERVICE_NAME": "products-traced",
+                    },
+                ),
+            ):
+                process, url = start_service("products", {**base, **extra}, tmp_path)
+                processes.append(process)
+                urls[name] = url
+            asyncio.run(seed(urls["tracing off"], tokens, args.products))
+            totals = asyncio.run(measure(urls, args))
+            deadline = time.monotonic() + 30
+            traced = False
+            while time.monotonic() < deadline and not traced:
+                services = httpx.get(f"{tracing.jaeger_url}/api/services", timeout=10).json()["data"] or []
+                traced = "products-traced" in services
+                time.sleep(1)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=15)
+            if tracing:
+                tracing.stop()
+            if jwks_server:
+                jwks_server.shutdown()
+            if postgres:
+                postgres.stop()
+    off, on = totals["tracing off"], totals["tracing on"]
+    overhead = 1 - on["rps"] / off["rps"] if off["rps"] else float("nan")
+    print(f"GET /products?limit=20, {args.rounds} alternating rounds, concurrency {args.concurrency}:")
+    for name, figures in totals.items():
+        print(
+            f"  {name:12} {figures['rps']:8.1f} req/s"
+            f"  ({figures['requests']} requests, {figures['errors']} errors)"
+        )
+    print(f"  tracing overhead: {overhead * 100:.1f} % of throughput (budget: 10 %)")
+    print(f"  spans of the traced instance in Jaeger: {'yes' if traced else 'NO'}")
+    if not traced or off["errors"] or on["errors"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
