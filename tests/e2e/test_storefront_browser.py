@@ -42,6 +42,13 @@ REPO = HERE.parents[1]
 SHOP = f"http://127.0.0.1:{GATEWAY_PORT}"
 AXE = HERE / "browser" / "node_modules" / "axe-core" / "axe.min.js"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
+# Tags every visible, enabled control of the page (data-kb) and returns how many there are.
+KEYBOARD_TAG = """
+const controls = [...document.querySelectorAll('a[href], button, input:not([type=hidden]), select, textarea')]
+  .filter(e => !e.disabled && e.getClientRects().length > 0 && getComputedStyle(e).visibility !== 'hidden');
+controls.forEach((e, i) => { e.dataset.kb = String(i + 1); });
+return controls.length;
+"""
 CHROMIUM_FLAGS = [
     "--headless=new",
     "--no-sandbox",  # root in a container: Chromium's sandbox needs user namespaces
@@ -123,6 +130,23 @@ class Journey:
             ],
             indent=1,
         )
+        self.keyboard(path)
+
+    def keyboard(self, path: str) -> None:
+        """Every visible control of the page is reached with the Tab key alone (axe checks the labels)."""
+        count = self.driver.execute_script(KEYBOARD_TAG)
+        self.driver.execute_script("document.activeElement && document.activeElement.blur()")
+        reached: set[str] = set()
+        for _ in range(count + 5):
+            ActionChains(self.driver).send_keys(Keys.TAB).perform()
+            reached.add(self.driver.execute_script("return (document.activeElement.dataset || {}).kb || ''"))
+        missed = self.driver.execute_script(
+            "const reached = arguments[0];"
+            "return [...document.querySelectorAll('[data-kb]')].filter(e => !reached.includes(e.dataset.kb))"
+            ".map(e => e.outerHTML.slice(0, 120))",
+            sorted(reached),
+        )
+        assert not missed, f"not reachable with the keyboard on {path}: {missed}"
 
     def wait(self, condition, timeout: float = 20, message: str = ""):
         # A page that is being replaced (a click's navigation) has stale elements: look again.
