@@ -311,7 +311,13 @@ def shopper(local: Path, http: httpx.Client) -> dict:
 
 def test_make_up_prometheus_scrapes_everything_and_loads_the_charts_rules(local, obs):
     chart = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
-    loaded = {r["name"]: r for g in obs.api("/api/v1/rules")["groups"] for r in g["rules"]}
+    # A rule's health is "unknown" until its group's first evaluation, which may come after make up ends.
+    deadline = time.monotonic() + 120
+    while True:
+        loaded = {r["name"]: r for g in obs.api("/api/v1/rules")["groups"] for r in g["rules"]}
+        if time.monotonic() > deadline or all(r["health"] != "unknown" for r in loaded.values()):
+            break
+        time.sleep(2)
     assert set(loaded) == set(chart)
     for name, rule in chart.items():
         assert loaded[name]["annotations"] == rule["annotations"], name
