@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import kopf
 
 from . import events, metrics
 from .common import INTERVAL, RETRY_MAX, RETRY_MIN, Key, NotReady, Outcome, Refused, ready_at_generation
@@ -310,3 +311,24 @@ class Engine:
 
 
 ENGINE = Engine()
+
+
+def reclaims(spec: Any, **_: Any) -> bool:
+    """A kind's delete handler filter: only reclaimPolicy Delete needs the finalizer. Retain objects go at
+    once (a namespace deletion never waits for the operator)."""
+    return (spec or {}).get("reclaimPolicy", "Retain") == "Delete"
+
+
+def locked_delete(
+    plural: str, cleanup: Callable[[dict[str, Any], kopf.Patch, Any], Awaitable[None]]
+) -> Callable[..., Awaitable[None]]:
+    """A kind's delete handler: only on the active replica, under the lock its reconciles take."""
+
+    async def delete(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+        if not ENGINE.is_active:
+            raise kopf.TemporaryError("not the active replica", delay=1)
+        meta = body["metadata"]
+        async with ENGINE.locks[(plural, meta["namespace"], meta["name"])]:
+            await cleanup(dict(body), patch, logger)
+
+    return delete

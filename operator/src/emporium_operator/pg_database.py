@@ -26,7 +26,7 @@ from .common import (
     write_secret,
 )
 from .conditions import now_iso
-from .engine import ENGINE
+from .engine import ENGINE, locked_delete, reclaims
 from .secrets import credentials_hash, generate_password, jdbc_uri, parse_duration, pgpass, postgres_uri
 
 KIND, PLURAL = "PostgresDatabase", "postgresdatabases"
@@ -155,21 +155,6 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
     return f"database {dbname!r} owned by {owner!r}; credentials in Secret {secret_name!r}"
 
 
-def needs_cleanup(spec: Any, **_: Any) -> bool:
-    """Only reclaimPolicy Delete needs the finalizer: Retain objects go at once (a namespace deletion never
-    waits for the operator)."""
-    return (spec or {}).get("reclaimPolicy", "Retain") == "Delete"
-
-
-async def delete(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
-    if not ENGINE.is_active:
-        raise kopf.TemporaryError("not the active replica", delay=1)
-    meta = body["metadata"]
-    key = (PLURAL, meta["namespace"], meta["name"])
-    async with ENGINE.locks[key]:
-        await _delete(dict(body), patch, logger)
-
-
 async def _delete(body: dict[str, Any], patch: kopf.Patch, logger: Any) -> None:
     meta, spec = body["metadata"], body["spec"]
     namespace, name = meta["namespace"], meta["name"]
@@ -211,3 +196,7 @@ async def _delete(body: dict[str, Any], patch: kopf.Patch, logger: Any) -> None:
         raise blocked(
             body, patch, err.reason, err.message + " (annotate emporium.dev/force-delete=true)"
         ) from e
+
+
+needs_cleanup = reclaims
+delete = locked_delete(PLURAL, _delete)

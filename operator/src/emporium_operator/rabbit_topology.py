@@ -27,7 +27,7 @@ from .common import (
     write_secret,
 )
 from .conditions import now_iso
-from .engine import ENGINE
+from .engine import ENGINE, locked_delete, reclaims
 from .secrets import amqp_uri, credentials_hash, generate_password, parse_duration
 
 KIND, PLURAL = "RabbitTopology", "rabbittopologies"
@@ -180,19 +180,6 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
     return message
 
 
-def needs_cleanup(spec: Any, **_: Any) -> bool:
-    """Retain (default) keeps the queues, exchanges and the broker user: no finalizer needed."""
-    return (spec or {}).get("reclaimPolicy", "Retain") == "Delete"
-
-
-async def delete(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
-    if not ENGINE.is_active:
-        raise kopf.TemporaryError("not the active replica", delay=1)
-    key = (PLURAL, body["metadata"]["namespace"], body["metadata"]["name"])
-    async with ENGINE.locks[key]:
-        await _delete(dict(body), patch, logger)
-
-
 async def _delete(body: dict[str, Any], patch: kopf.Patch, logger: Any) -> None:
     spec = body["spec"]
     if not needs_cleanup(spec) or conflict(body):
@@ -250,3 +237,7 @@ async def _delete(body: dict[str, Any], patch: kopf.Patch, logger: Any) -> None:
         except (rabbit.RabbitError, httpx.HTTPError, OSError) as e:
             err = rabbit_server.error(e, server["spec"]["managementUrl"])
             raise blocked(body, patch, err.reason, err.message) from e
+
+
+needs_cleanup = reclaims
+delete = locked_delete(PLURAL, _delete)

@@ -19,7 +19,7 @@ from .common import (
     force_delete,
     server_key,
 )
-from .engine import ENGINE
+from .engine import ENGINE, locked_delete, reclaims
 
 KIND, PLURAL = "RabbitVhost", "rabbitvhosts"
 
@@ -88,18 +88,6 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
     return f"vhost {vhost!r} present"
 
 
-def needs_cleanup(spec: Any, **_: Any) -> bool:
-    return (spec or {}).get("reclaimPolicy", "Retain") == "Delete"
-
-
-async def delete(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
-    if not ENGINE.is_active:
-        raise kopf.TemporaryError("not the active replica", delay=1)
-    key = (PLURAL, body["metadata"]["namespace"], body["metadata"]["name"])
-    async with ENGINE.locks[key]:
-        await _delete(dict(body), patch, logger)
-
-
 async def _delete(body: dict[str, Any], patch: kopf.Patch, logger: Any) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     vhost = vhost_name(body)
@@ -143,3 +131,7 @@ async def _delete(body: dict[str, Any], patch: kopf.Patch, logger: Any) -> None:
         except (rabbit.RabbitError, httpx.HTTPError, OSError) as e:
             err = rabbit_server.error(e, server["spec"]["managementUrl"])
             raise blocked(body, patch, err.reason, err.message) from e
+
+
+needs_cleanup = reclaims
+delete = locked_delete(PLURAL, _delete)
