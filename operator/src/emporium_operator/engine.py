@@ -29,7 +29,17 @@ import httpx
 import kopf
 
 from . import events, metrics
-from .common import INTERVAL, RETRY_MAX, RETRY_MIN, Key, NotReady, Outcome, Refused, ready_at_generation
+from .common import (
+    INTERVAL,
+    RETRY_MAX,
+    RETRY_MIN,
+    Key,
+    NotReady,
+    Outcome,
+    Refused,
+    namespace_allowed,
+    ready_at_generation,
+)
 from .conditions import get_condition, remove_condition, set_condition
 from .kube import KUBE
 
@@ -332,3 +342,22 @@ def locked_delete(
             await cleanup(dict(body), patch, logger)
 
     return delete
+
+
+async def referenced_server(body: dict[str, Any], plural: str, kind: str) -> dict[str, Any]:
+    """The server object (``kind``) an object's spec.serverRef {name, namespace} names, if it exists and
+    lets the object's namespace use it; NotReady (waiting on that server) otherwise."""
+    ref = body["spec"]["serverRef"]
+    namespace = ref.get("namespace") or body["metadata"]["namespace"]
+    key = (plural, namespace, ref["name"])
+    server = ENGINE.get(*key)
+    if server is None or server["metadata"].get("deletionTimestamp"):
+        raise NotReady("ServerNotFound", f"{kind} {ref['name']!r} not found in {namespace}", key)
+    if not await namespace_allowed(server, body["metadata"]["namespace"]):
+        raise NotReady(
+            "NamespaceNotAllowed",
+            f"{kind} {namespace}/{ref['name']} does not allow namespace "
+            f"{body['metadata']['namespace']!r} (spec.allowedNamespaces)",
+            key,
+        )
+    return server

@@ -7,8 +7,8 @@ from typing import Any
 import asyncpg
 
 from . import postgres
-from .common import NotReady, Outcome, namespace_allowed, unreachable
-from .engine import ENGINE
+from .common import NotReady, Outcome, unreachable
+from .engine import referenced_server
 from .kube import KUBE
 from .secrets import decode_data
 
@@ -60,22 +60,8 @@ def error(exc: BaseException, where: str, waits_for: tuple | None = None) -> Not
 
 
 async def server_for(body: dict[str, Any]) -> dict[str, Any]:
-    """The PostgresServer an object refers to (serverRef {name, namespace}), if it lets the object's
-    namespace use it."""
-    ref = body["spec"]["serverRef"]
-    namespace = ref.get("namespace") or body["metadata"]["namespace"]
-    key = (PLURAL, namespace, ref["name"])
-    server = ENGINE.get(*key)
-    if server is None or server["metadata"].get("deletionTimestamp"):
-        raise NotReady("ServerNotFound", f"PostgresServer {ref['name']!r} not found in {namespace}", key)
-    if not await namespace_allowed(server, body["metadata"]["namespace"]):
-        raise NotReady(
-            "NamespaceNotAllowed",
-            f"PostgresServer {namespace}/{ref['name']} does not allow namespace "
-            f"{body['metadata']['namespace']!r} (spec.allowedNamespaces)",
-            key,
-        )
-    return server
+    """The PostgresServer an object refers to (serverRef), if it lets the object's namespace use it."""
+    return await referenced_server(body, PLURAL, "PostgresServer")
 
 
 def endpoint(server: dict[str, Any] | None) -> str | None:

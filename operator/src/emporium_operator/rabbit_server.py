@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 
 from . import rabbit
-from .common import NotReady, Outcome, namespace_allowed
-from .engine import ENGINE
+from .common import NotReady, Outcome
+from .engine import referenced_server
 from .pg_server import admin_credentials
 
 KIND, PLURAL = "RabbitServer", "rabbitservers"
@@ -62,20 +62,8 @@ def error(exc: BaseException, where: str, waits_for: tuple | None = None) -> Not
 
 
 async def server_for(body: dict[str, Any]) -> dict[str, Any]:
-    ref = body["spec"]["serverRef"]
-    namespace = ref.get("namespace") or body["metadata"]["namespace"]
-    key = (PLURAL, namespace, ref["name"])
-    server = ENGINE.get(*key)
-    if server is None or server["metadata"].get("deletionTimestamp"):
-        raise NotReady("ServerNotFound", f"RabbitServer {ref['name']!r} not found in {namespace}", key)
-    if not await namespace_allowed(server, body["metadata"]["namespace"]):
-        raise NotReady(
-            "NamespaceNotAllowed",
-            f"RabbitServer {namespace}/{ref['name']} does not allow namespace "
-            f"{body['metadata']['namespace']!r} (spec.allowedNamespaces)",
-            key,
-        )
-    return server
+    """The RabbitServer an object refers to (serverRef), if it lets the object's namespace use it."""
+    return await referenced_server(body, PLURAL, "RabbitServer")
 
 
 def endpoint(server: dict[str, Any] | None) -> str | None:
