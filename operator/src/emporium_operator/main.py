@@ -57,6 +57,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     ENGINE.start()
     rabbit_server.forget_clients()  # clients of an earlier run in this process belong to its event loop
     postgres.forget_pools()
+    pg_server.forget_admin_secrets()
     lease_namespace = os.environ.get("EMPORIUM_LEASE_NAMESPACE")
     if lease_namespace:
         _elector = Elector(lease_namespace, ENGINE.set_active)

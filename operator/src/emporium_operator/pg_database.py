@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -104,10 +105,10 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
         raise Refused("Conflict", problem)
     server = await pg_server.server_for(body)
     server_ref = (pg_server.PLURAL, server["metadata"]["namespace"], server["metadata"]["name"])
-    conn = await pg_server.connection(server)
+    # The admin Secret and the object's own Secret, read at once.
+    conn, current = await asyncio.gather(pg_server.connection(server), own_secret(body, secret_name))
     if postgres.reserved_role(owner, conn.user):
         raise Refused("Forbidden", f"role {owner!r} is reserved (postgres, pg_*, the admin user)")
-    current = await own_secret(body, secret_name)
     existing = secret_password(current)
     now = dt.datetime.now(dt.UTC)
     rotate, trigger = rotation_due(spec, status, now)

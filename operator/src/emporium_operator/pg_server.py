@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import asyncpg
@@ -15,11 +16,31 @@ from .secrets import decode_data
 KIND, PLURAL = "PostgresServer", "postgresservers"
 
 
+# Admin Secrets as last read: (monotonic time, the Secret or None). A burst of reconciles against one
+# server reads it once per ADMIN_SECRET_TTL instead of once per reconcile; a changed Secret is seen within it.
+ADMIN_SECRET_TTL = 1.0
+_admin_secrets: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+
+async def _admin_secret(path: str) -> dict[str, Any] | None:
+    now = time.monotonic()
+    cached = _admin_secrets.get(path)
+    if cached is not None and now - cached[0] < ADMIN_SECRET_TTL:
+        return cached[1]
+    secret = await KUBE.get(path)
+    _admin_secrets[path] = (now, secret)
+    return secret
+
+
+def forget_admin_secrets() -> None:
+    _admin_secrets.clear()
+
+
 async def admin_credentials(server: dict[str, Any], kind: str, waits_for: tuple) -> tuple[str, str]:
     """The admin Secret, read in the server's own namespace (tenants never hold a copy)."""
     namespace = server["metadata"]["namespace"]
     ref = server["spec"]["adminSecretRef"]
-    secret = await KUBE.get(KUBE.secret_path(namespace, ref["name"]))
+    secret = await _admin_secret(KUBE.secret_path(namespace, ref["name"]))
     if secret is None:
         raise NotReady(
             "AdminSecretMissing", f"{kind} admin Secret {ref['name']!r} not found in {namespace}", waits_for

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
@@ -308,30 +309,62 @@ class _Connections:
     def __init__(self, admin: asyncpg.Connection, server: ServerConn):
         self.admin, self.server = admin, server
         self.by_db: dict[str, asyncpg.Connection] = {}
+        self.connecting: dict[str, asyncio.Future] = {}
+
+    def connect_soon(self, dbname: str) -> None:
+        """Start connecting to dbname now (a new backend costs a fork and an authentication); get() awaits
+        it."""
+        if dbname not in self.by_db and dbname not in self.connecting:
+            self.connecting[dbname] = asyncio.ensure_future(connect(self.server, dbname))
 
     async def get(self, dbname: str | None = None) -> asyncpg.Connection:
         if dbname is None:
             return self.admin
         conn = self.by_db.get(dbname)
         if conn is None:
-            conn = self.by_db[dbname] = await connect(self.server, dbname)
+            self.connect_soon(dbname)
+            conn = self.by_db[dbname] = await self.connecting.pop(dbname)
         return conn
 
-    async def close(self) -> None:
-        for conn in self.by_db.values():
-            await conn.close()
+    async def close(self, wait: bool = True) -> None:
+        """Close the per-database connections; wait=False lets them close in the background (a reconcile's
+        result does not depend on the server acknowledging the goodbye)."""
+        for pending in self.connecting.values():
+            pending.add_done_callback(_close_unused)
+        self.connecting.clear()
+        conns = list(self.by_db.values())
         self.by_db.clear()
+        for conn in conns:
+            if wait:
+                await conn.close()
+            else:
+                _background(conn.close())
+
+
+def _background(coro: Any) -> None:
+    task = asyncio.ensure_future(coro)
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+
+
+def _close_unused(future: asyncio.Future) -> None:
+    """A connection started by connect_soon and never used: closed when it arrives, errors dropped."""
+    if not future.cancelled() and future.exception() is None:
+        _background(future.result().close())
+
+
+_CLOSING: set[asyncio.Future] = set()
 
 
 @contextlib.asynccontextmanager
-async def _session(server: ServerConn):
+async def _session(server: ServerConn, wait_close: bool = True):
     pool = await pool_for(server)
     async with pool.limit, (await pool.pool()).acquire() as admin:
         conns = _Connections(admin, server)
         try:
             yield conns
         finally:
-            await conns.close()
+            await conns.close(wait_close)
 
 
 _ROLE_COLUMNS = "rolsuper, rolcreaterole, rolreplication, rolbypassrls, shobj_description(oid, 'pg_authid')"
@@ -384,15 +417,38 @@ async def ensure(server: ServerConn, desired: DesiredDatabase) -> list[Step]:
     """Observe, plan and apply over the pooled admin connection and, when needed, one to the target
     database; returns the steps that were needed (empty when nothing drifted). Raises Forbidden, having
     changed nothing, when a role or database is not the operator's."""
-    async with _session(server) as conns:
+    async with _session(server, wait_close=False) as conns:
         observed = await _observe(conns, desired)
         problem = takeover(observed, desired)
         if problem:
             raise Forbidden(problem)
         steps = plan(observed, desired)
-        for step in steps:
-            await (await conns.get(step.dbname)).execute(step.sql)
+        await _apply(conns, steps)
         return steps
+
+
+async def _apply(conns: _Connections, steps: list[Step]) -> None:
+    """Run the steps in order, consecutive ones for the same database as one simple query (one round trip);
+    CREATE DATABASE alone (it cannot run inside the implicit transaction of a multi-statement query). Once
+    the database exists, the connection into it is opened while the admin connection works on."""
+    batch: list[Step] = []
+
+    async def flush() -> None:
+        if batch:
+            await (await conns.get(batch[0].dbname)).execute("; ".join(s.sql for s in batch))
+            batch.clear()
+
+    for step in steps:
+        alone = step.sql.startswith("CREATE DATABASE ")
+        if alone or (batch and batch[0].dbname != step.dbname):
+            await flush()
+        batch.append(step)
+        if alone:
+            await flush()
+            in_database = next((s.dbname for s in steps if s.dbname), None)
+            if in_database:
+                conns.connect_soon(in_database)
+    await flush()
 
 
 async def active_connections(server: ServerConn, database: str) -> int:

@@ -3,6 +3,7 @@ and the connection Secret."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -104,7 +105,10 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
         raise Refused("Conflict", problem)
     secret_name = spec.get("secretName") or f"{name}-amqp"
     server = await rabbit_server.server_for(body)
-    current = await own_secret(body, secret_name)
+    # The object's own Secret and the admin Secret (in the management API client), read at once.
+    current, (api, admin_user) = await asyncio.gather(
+        own_secret(body, secret_name), rabbit_server.api_for(server)
+    )
     existing = secret_password(current)
     now = dt.datetime.now(dt.UTC)
     rotate, trigger = rotation_due(spec, status, now)
@@ -114,10 +118,10 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
     for x in want.queues:
         if x["type"] == "quorum" and not x["durable"]:
             raise Refused("InvalidSpec", f"quorum queue {x['name']!r} must be durable")
-    api, admin_user = await rabbit_server.api_for(server)
     async with api.limit:
         try:
-            have_vhost = await api.get_vhost(want.vhost)
+            observed = await rabbit.observe_topology(api, want)  # four reads at once
+            have_vhost = observed.vhost
             if have_vhost is None:
                 raise NotReady(
                     "VhostMissing",
@@ -139,6 +143,7 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
                 shared_exchanges(body),
                 admin_user,
                 known_password=bool(existing) and not rotated,
+                observed=observed,
             )
         except rabbit.Forbidden as e:
             raise Refused("Forbidden", f"{e}; nothing was changed") from e
