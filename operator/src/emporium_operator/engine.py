@@ -84,6 +84,17 @@ class Engine:
 
     def register(self, spec: KindSpec) -> None:
         self.kinds[spec.plural] = spec
+        # Read at scrape time, in the metrics server's thread: copies (list(dict)) are taken in one step.
+        metrics.OBJECTS.labels(kind=spec.kind).set_function(
+            lambda: sum(1 for key in list(self.bodies) if key[0] == spec.plural)
+        )
+        metrics.PENDING.set_function(self.pending)
+
+    def pending(self) -> int:
+        """Reconciles due now, queued or running: 0 once the operator has caught up."""
+        now = time.monotonic()
+        queued = self.queue.qsize() if self.queue is not None else 0
+        return sum(1 for at in list(self.due.values()) if at <= now) + queued + len(self.running)
 
     # -- the store ---------------------------------------------------------------------------------
 

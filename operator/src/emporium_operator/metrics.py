@@ -6,7 +6,7 @@ import os
 import time
 from contextlib import contextmanager
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECONCILE_TOTAL = Counter(
     "emporium_operator_reconcile_total",
@@ -28,6 +28,13 @@ DRIFT_REPAIRS = Counter(
     "emporium_operator_drift_repairs_total",
     "Out-of-band changes repaired by the drift check, by kind and object (database, role, queue, ...)",
     ["kind", "object"],
+)
+
+OBJECTS = Gauge("emporium_operator_objects", "Objects the operator watches, by kind", ["kind"])
+PENDING = Gauge(
+    "emporium_operator_reconciles_pending",
+    "Reconciles due now, queued or running (0 when the operator has caught up; drift checks not yet due "
+    "are not counted)",
 )
 
 _started_port: int | None = None
