@@ -23,7 +23,6 @@ import http.server
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 import httpx
 from emporium_common.migrations import upgrade_head
 from emporium_common.testing import TokenFactory
+from emporium_testbed.httpload import Connection, cpu_line, percentile, run_phase
 from emporium_testbed.process import free_port
 
 SERVICES = Path(__file__).resolve().parents[1]
@@ -106,44 +106,6 @@ async def declare_topologies(rabbitmq) -> dict[str, str]:
     return urls
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-async def run_phase(name, make_request, total: int, concurrency: int, max_seconds: float) -> dict:
-    latencies: list[float] = []
-    errors = 0
-    issued = 0
-    start = time.perf_counter()
-    deadline = start + max_seconds
-
-    async def worker() -> None:
-        nonlocal issued, errors
-        while issued < total and time.perf_counter() < deadline:
-            issued += 1
-            t0 = time.perf_counter()
-            try:
-                ok = await make_request()
-            except httpx.HTTPError:
-                ok = False
-            latencies.append(time.perf_counter() - t0)
-            errors += 0 if ok else 1
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    return {
-        "phase": name,
-        "requests": len(latencies),
-        "errors": errors,
-        "seconds": round(elapsed, 2),
-        "rps": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
-        "p50_ms": round(percentile(latencies, 0.50) * 1000, 1) if latencies else None,
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1) if latencies else None,
-        "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
-    }
-
-
 async def listen_notifications(dsn: str, stored: dict[int, float]) -> object:
     """Record when each order's notification is stored (the service pg_notifies every stored row)."""
     import asyncpg
@@ -160,13 +122,15 @@ async def listen_notifications(dsn: str, stored: dict[int, float]) -> object:
 
 
 async def benchmark(
-    products_url: str, orders_url: str, tokens: TokenFactory, args, notifications_dsn: str | None = None
+    products_url: str,
+    orders_url: str,
+    tokens: TokenFactory,
+    args,
+    notifications_dsn: str | None = None,
+    cpu_pids: dict[str, int] | None = None,
 ) -> list[dict]:
     admin = tokens.auth_header("bench-admin", roles=["admin"])
-    limits = httpx.Limits(
-        max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2
-    )
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=30) as client:
         product_ids = []
         for i in range(args.products):
             body = {
@@ -180,55 +144,73 @@ async def benchmark(
             response.raise_for_status()
             product_ids.append(response.json()["id"])
 
-        async def list_products() -> bool:
-            params = {
-                "limit": 20,
-                "offset": random.randint(0, max(0, args.products - 20)),
-                "sort_by": "-price",
-            }
-            if random.random() < 0.3:
-                params["name"] = f"product {random.randint(1, 9)}"
-            response = await client.get(f"{products_url}/products", params=params)
-            return response.status_code == 200
+    async def list_products(connection: Connection) -> bool:
+        offset = random.randint(0, max(0, args.products - 20))
+        path = f"/products?limit=20&offset={offset}&sort_by=-price"
+        if random.random() < 0.3:
+            path += f"&name=product+{random.randint(1, 9)}"
+        return (await connection.request("GET", path)).status == 200
 
-        buyers = [tokens.auth_header(f"bench-buyer-{i}", email=f"buyer-{i}@example.com") for i in range(50)]
-        placed: dict[int, float] = {}
-        stored: dict[int, float] = {}
+    buyers = [tokens.auth_header(f"bench-buyer-{i}", email=f"buyer-{i}@example.com") for i in range(50)]
+    placed: dict[int, float] = {}
+    stored: dict[int, float] = {}
 
-        async def place_order() -> bool:
-            body = {"items": [{"product_id": random.choice(product_ids), "quantity": 1}]}
-            response = await client.post(f"{orders_url}/orders", json=body, headers=random.choice(buyers))
-            if response.status_code != 201:
-                return False
-            placed[response.json()["id"]] = time.perf_counter()
-            return True
+    async def place_order(connection: Connection) -> bool:
+        body = {"items": [{"product_id": random.choice(product_ids), "quantity": 1}]}
+        reply = await connection.request("POST", "/orders", json=body, headers=random.choice(buyers))
+        if reply.status != 201:
+            return False
+        placed[reply.json()["id"]] = time.perf_counter()  # type: ignore[index]
+        return True
 
-        listener = await listen_notifications(notifications_dsn, stored) if notifications_dsn else None
-        await run_phase("warm-up", list_products, 100, 4, 10)
-        results = [
+    listener = await listen_notifications(notifications_dsn, stored) if notifications_dsn else None
+    pids = cpu_pids or {}
+    catalog_pids = {k: v for k, v in pids.items() if k in ("products", "postgres")}
+    await run_phase("warm-up", list_products, lambda: Connection(products_url), 100, 4, 10)
+    results = [
+        await run_phase(
+            "GET /products",
+            list_products,
+            lambda: Connection(products_url),
+            args.requests,
+            args.concurrency,
+            args.max_seconds,
+            catalog_pids,
+        ),
+    ]
+    if args.orders:
+        await run_phase("warm-up", place_order, lambda: Connection(orders_url), 20, 2, 10)
+        placed.clear()
+        results.append(
             await run_phase(
-                "GET /products", list_products, args.requests, args.concurrency, args.max_seconds
-            ),
-            await run_phase("POST /orders", place_order, args.orders, args.concurrency, args.max_seconds),
-        ]
-        if listener is not None:
-            deadline = time.perf_counter() + 30
-            # Polling a dict the listener fills: an Event per order would cost more than the wait.
-            while len(stored.keys() & placed.keys()) < len(placed) and time.perf_counter() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            await listener.close()  # type: ignore[attr-defined]
-            delays = [stored[i] - t for i, t in placed.items() if i in stored]
-            results.append(
-                {
-                    "phase": "order->notif",
-                    "requests": len(placed),
-                    "errors": len(placed) - len(delays),
-                    "rps": "",
-                    "p50_ms": round(percentile(delays, 0.50) * 1000, 1) if delays else None,
-                    "p99_ms": round(percentile(delays, 0.99) * 1000, 1) if delays else None,
-                }
+                "POST /orders",
+                place_order,
+                lambda: Connection(orders_url),
+                args.orders,
+                args.concurrency,
+                args.max_seconds,
+                pids,
             )
-        return results
+        )
+    if listener is not None and args.orders:
+        deadline = time.perf_counter() + 30
+        # Polling a dict the listener fills: an Event per order would cost more than the wait.
+        while len(stored.keys() & placed.keys()) < len(placed) and time.perf_counter() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        delays = [stored[i] - t for i, t in placed.items() if i in stored]
+        results.append(
+            {
+                "phase": "order->notif",
+                "requests": len(placed),
+                "errors": len(placed) - len(delays),
+                "rps": "",
+                "p50_ms": round(percentile(delays, 0.50) * 1000, 1) if delays else None,
+                "p99_ms": round(percentile(delays, 0.99) * 1000, 1) if delays else None,
+            }
+        )
+    if listener is not None:
+        await listener.close()  # type: ignore[attr-defined]
+    return results
 
 
 def main() -> None:
@@ -313,15 +295,28 @@ def main() -> None:
             )
             processes.append(orders)
 
+            cpu_pids = {"products": products.pid, "orders": orders.pid}
+            if args.events:
+                cpu_pids["notifications"] = notifications.pid
+                cpu_pids["rabbitmq"] = rabbitmq.process.popen.pid  # type: ignore[union-attr]
+            if postgres is not None:
+                cpu_pids["postgres"] = postgres.process.popen.pid
             results = asyncio.run(
-                benchmark(products_url, orders_url, tokens, args, dsns.get("notifications"))
+                benchmark(products_url, orders_url, tokens, args, dsns.get("notifications"), cpu_pids)
             )
-            print(f"Emporium services benchmark (1 instance each, loopback, concurrency {args.concurrency})")
+            print(
+                f"Emporium services benchmark (1 instance each, loopback, concurrency {args.concurrency}; "
+                f"load average {os.getloadavg()[0]:.1f})"
+            )
             print(f"{'phase':<16}{'requests':>9}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
             for r in results:
                 print(
                     f"{r['phase']:<16}{r['requests']:>9}{r['errors']:>8}{r['rps']:>9}{r['p50_ms']:>9}{r['p99_ms']:>9}"
                 )
+            print("CPU per request (ms; the client is this process):")
+            for r in results:
+                if r.get("cpu_ms"):
+                    print(f"  {r['phase']:<14}{cpu_line(r)}")
             if args.json:
                 print(json.dumps(results))
         finally:

@@ -22,9 +22,10 @@ import uuid
 from pathlib import Path
 
 import httpx
-from bench_services import INTERNAL_TOKEN, run_phase, serve_jwks, start_service
+from bench_services import INTERNAL_TOKEN, serve_jwks, start_service
 from emporium_common.migrations import upgrade_head
 from emporium_common.testing import TokenFactory
+from emporium_testbed.httpload import Connection, run_phase
 
 SERVICES = Path(__file__).resolve().parents[1]
 
@@ -44,31 +45,26 @@ async def seed(url: str, tokens: TokenFactory, count: int) -> None:
 
 
 async def measure(urls: dict[str, str], args) -> dict[str, dict]:
-    limits = httpx.Limits(
-        max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2
-    )
     totals = {name: {"requests": 0, "seconds": 0.0, "errors": 0} for name in urls}
     per_round = max(1, args.requests // args.rounds)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
 
-        def lister(url: str):
-            async def list_products() -> bool:
-                response = await client.get(f"{url}/products", params={"limit": 20})
-                return response.status_code == 200
+    async def list_products(connection: Connection) -> bool:
+        return (await connection.request("GET", "/products?limit=20")).status == 200
 
-            return list_products
+    def connect(url: str):
+        return lambda: Connection(url)
 
-        for name, url in urls.items():  # warm both (connections, caches, the exporter's first batch)
-            await run_phase(f"warm-up {name}", lister(url), 100, 4, 10)
-        names = list(urls)
-        for round_ in range(args.rounds):
-            for name in names if round_ % 2 == 0 else reversed(names):
-                result = await run_phase(
-                    name, lister(urls[name]), per_round, args.concurrency, args.max_seconds
-                )
-                totals[name]["requests"] += result["requests"]
-                totals[name]["seconds"] += result["seconds"]
-                totals[name]["errors"] += result["errors"]
+    for name, url in urls.items():  # warm both (connections, caches, the exporter's first batch)
+        await run_phase(f"warm-up {name}", list_products, connect(url), 100, 4, 10)
+    names = list(urls)
+    for round_ in range(args.rounds):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            result = await run_phase(
+                name, list_products, connect(urls[name]), per_round, args.concurrency, args.max_seconds
+            )
+            totals[name]["requests"] += result["requests"]
+            totals[name]["seconds"] += result["seconds"]
+            totals[name]["errors"] += result["errors"]
     for figures in totals.values():
         figures["rps"] = round(figures["requests"] / figures["seconds"], 1) if figures["seconds"] else 0.0
     return totals
