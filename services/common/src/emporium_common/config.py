@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"  # noqa: S104
     port: int = Field(default=8000, ge=1, le=65535)
     database_url: str = "postgresql://postgres:postgres@localhost:5432/emporium"
-    database_pool_size: int = Field(default=5, ge=1)
+    database_pool_size: int = Field(default=10, ge=1)
     amqp_url: str | None = None
     jwt_issuer: str = "https://emporium.local/users"
     jwt_audience: str = "emporium"

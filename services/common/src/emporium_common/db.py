@@ -5,7 +5,8 @@ Tables come from Alembic migrations only (see ``emporium_common.migrations``); n
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -23,11 +24,15 @@ NAMING_CONVENTION = {
 SQLModel.metadata.naming_convention = NAMING_CONVENTION
 
 
-def create_engine(settings_or_url: Settings | str, *, pool_size: int = 5) -> AsyncEngine:
+def create_engine(settings_or_url: Settings | str, *, pool_size: int = 10) -> AsyncEngine:
     """An asyncpg engine.
 
-    - pool_pre_ping: a pooled connection that a restarted Postgres closed is noticed at checkout and
-      replaced, so the first read after a restart does not fail on a dead connection.
+    - ``pool_size`` connections are kept open and none beyond (no overflow): as many as before at most,
+      but a burst above the pool's size waits for a connection instead of opening and closing one per
+      request (with 5 kept and 5 of overflow, 8 concurrent requests reconnected all the time).
+    - A pooled connection whose socket Postgres closed (a restart, a fast shutdown, an idle timeout) is
+      noticed at checkout without a round trip and replaced (``pool_pre_ping`` did the same with three:
+      BEGIN, an empty query and ROLLBACK before every request's own statements).
     - hide_parameters: SQL errors (and their logs) show the statement but never the bound values
       (emails, password hashes, tokens).
     """
@@ -35,13 +40,17 @@ def create_engine(settings_or_url: Settings | str, *, pool_size: int = 5) -> Asy
         url, pool_size = settings_or_url.database_url, settings_or_url.database_pool_size
     else:
         url = to_asyncpg_url(settings_or_url)
-    return create_async_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        hide_parameters=True,
-    )
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, hide_parameters=True)
+    event.listen(engine.sync_engine, "checkout", _replace_closed)
+    return engine
+
+
+def _replace_closed(dbapi_connection, _record, _proxy) -> None:
+    """Pool checkout: a connection the server closed raises DisconnectionError, which makes the pool
+    discard it and hand out a new one (the pessimistic disconnect handling of SQLAlchemy's docs)."""
+    connection = getattr(dbapi_connection, "_connection", None)  # the asyncpg connection
+    if connection is not None and connection.is_closed():
+        raise DisconnectionError("connection closed by the server")
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
