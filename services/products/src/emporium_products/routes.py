@@ -7,8 +7,7 @@ from typing import Annotated
 
 from emporium_common import AppError, ErrorResponse, SessionDep, require_role
 from emporium_common.domain import MAX_INT
-from emporium_common.responses import model_response
-from fastapi import APIRouter, Depends, Header, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 
 from . import crud
 from .internal_auth import require_internal_token
@@ -55,6 +54,7 @@ def _with_etag(response: Response, product: Product) -> Product:
 
 @router.get("", response_model=ProductList)
 async def list_products(
+    request: Request,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
@@ -65,18 +65,26 @@ async def list_products(
     ] = None,
     sort_by: SortBy = SortBy.created_at_desc,
 ) -> ProductList:
-    """One query per page; the body is serialised once by pydantic-core (no second validation pass)."""
-    items, total = await crud.list_products(
-        session,
-        limit=limit,
-        offset=offset,
-        category=category,
-        is_active=is_active,
-        name=name,
-        sort_by=sort_by,
-    )
-    page = ProductList.model_validate({"items": items, "total": total, "limit": limit, "offset": offset})
-    return model_response(page)  # type: ignore[return-value]
+    """One query per page, serialised once by pydantic-core (no second validation pass), and kept in the
+    catalogue cache until a product changes (see catalog_cache.py)."""
+    cache = request.app.state.catalog_cache
+    key = (limit, offset, category, is_active, name, sort_by)
+    body = cache.get(key)
+    if body is None:
+        generation = cache.generation
+        items, total = await crud.list_products(
+            session,
+            limit=limit,
+            offset=offset,
+            category=category,
+            is_active=is_active,
+            name=name,
+            sort_by=sort_by,
+        )
+        page = ProductList.model_validate({"items": items, "total": total, "limit": limit, "offset": offset})
+        body = page.__pydantic_serializer__.to_json(page)
+        cache.put(key, generation, body)
+    return Response(body, media_type="application/json")  # type: ignore[return-value]
 
 
 @router.get("/{product_id}", response_model=ProductPublic, responses={404: {"model": ErrorResponse}})
