@@ -3,6 +3,7 @@ another platform or process, a failing step that must leave nothing running, and
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -11,11 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import asyncpg
 import pytest
 from emporium_testbed import platform as platform_module
 from emporium_testbed.local import LocalServers, server_data_dir
-from emporium_testbed.platform import LocalPlatform, _up
-from emporium_testbed.process import StartupError, free_port, is_root, pid_alive, port_open
+from emporium_testbed.platform import LocalPlatform, Workload, _up
+from emporium_testbed.process import ManagedProcess, StartupError, free_port, is_root, pid_alive, port_open
 from emporium_testbed.toolchain import REPO_ROOT
 
 
@@ -137,3 +139,36 @@ def test_make_help_lists_every_target():
     ).stdout
     listed = {line.split()[1] for line in helped.splitlines() if line.strip().startswith("make ")}
     assert targets == listed, targets ^ listed
+
+
+def test_a_migration_runs_again_only_when_its_scripts_or_its_database_changed(testbed_dir, postgres):
+    """After a `make down` the databases keep their schema: `up` skips a migration Job whose command,
+    environment and scripts are those of its last successful run on a database still at that revision."""
+
+    async def sql(statement: str, dbname: str = "postgres") -> None:
+        connection = await asyncpg.connect(postgres.dsn(dbname))
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    platform = LocalPlatform(testbed_dir / "migrations" / ".local")
+    platform.logs.mkdir(parents=True, exist_ok=True)
+    platform.run_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(sql("CREATE DATABASE skip_migrations"))
+    env = {"DATABASE_URL": postgres.dsn("skip_migrations")}
+    argv = [sys.executable, "-m", "emporium_products", "migrate"]
+    process = ManagedProcess("job", argv, Path("/dev/null"), env=env)
+    job = Workload("emporium", "products-migrate", None, process)
+    log = platform.logs / "products-migrate.log"
+
+    assert platform._migrate(job) is None and log.exists()  # a new database: migrated
+    log.unlink()
+    assert platform._migrate(job) is None and not log.exists()  # nothing changed: no process at all
+
+    asyncio.run(sql("DROP DATABASE skip_migrations"))  # the database changed: made again, empty
+    asyncio.run(sql("CREATE DATABASE skip_migrations"))
+    assert platform._migrate(job) is None and log.exists(), "a database not at the recorded revision migrates"
+    log.unlink()
+    job.process.env = {**env, "LOG_LEVEL": "debug"}  # the Job changed
+    assert platform._migrate(job) is None and log.exists()

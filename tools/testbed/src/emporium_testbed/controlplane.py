@@ -159,7 +159,10 @@ class ControlPlane:
         path.write_text(yaml.safe_dump(config))
         path.chmod(0o600)
 
-    def start(self, timeout: float = 90) -> ControlPlane:
+    def start(self, timeout: float = 90, wait_for_controllers: bool = True) -> ControlPlane:
+        """Start etcd, the API server and the controller manager; return once the API server is ready
+        and, unless ``wait_for_controllers`` is False, the controller manager too (callers that need no
+        controller right away save its start-up time)."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.pki.ensure()
         self._define()
@@ -169,19 +172,24 @@ class ControlPlane:
         )
         assert self.etcd and self.apiserver and self.controller_manager
         try:
-            self._start_processes(timeout)
+            self._start_processes(timeout, wait_for_controllers)
         except BaseException:
             self.stop()  # nothing half-started is left behind
             raise
         return self
 
-    def _start_processes(self, timeout: float) -> None:
+    def _start_processes(self, timeout: float, wait_for_controllers: bool) -> None:
         assert self.etcd and self.apiserver and self.controller_manager
         self.etcd.start()
         self.etcd.wait_ready(lambda: self._http_ok(f"http://{self.host}:{self.etcd_port}/health"), timeout)
         self.apiserver.start()
         self.apiserver.wait_ready(lambda: self._https_ok("/readyz"), timeout)
         self.controller_manager.start()
+        if wait_for_controllers:
+            self.wait_for_controllers(timeout)
+
+    def wait_for_controllers(self, timeout: float = 90) -> None:
+        assert self.controller_manager
         self.controller_manager.wait_ready(
             lambda: self._https_ok("/healthz", port=self.controller_manager_port, client_cert=False), timeout
         )

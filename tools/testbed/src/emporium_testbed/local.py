@@ -24,7 +24,7 @@ from pathlib import Path
 from .controlplane import ControlPlane
 from .oidc import MockOIDCProvider
 from .postgres import PG_USER, PostgresServer
-from .process import ManagedProcess, free_port, is_root, port_open
+from .process import CRITICAL_NICE, ManagedProcess, free_port, is_root, port_open
 from .rabbitmq import RABBIT_USER, RabbitMQServer
 from .toolchain import REPO_ROOT
 
@@ -195,10 +195,10 @@ class LocalServers:
             if not link.is_symlink():
                 link.symlink_to(data)
 
-    def start_control_plane(self) -> None:
+    def start_control_plane(self, wait_for_controllers: bool = True) -> None:
         if not self.control_plane.running():
             self.control_plane.stop()  # a half-running plane from a crash is restarted whole
-            self.control_plane.start()
+            self.control_plane.start(wait_for_controllers=wait_for_controllers)
 
     def start_postgres(self) -> None:
         if not (self.postgres.process.running() and self.postgres.ready()):
@@ -208,6 +208,9 @@ class LocalServers:
     def start_rabbitmq(self) -> None:
         if not (self.rabbitmq.running() and _safe(self.rabbitmq.ready)):
             self.rabbitmq.stop()
+            # The longest step of a warm start: a restarted node loads and compiles every module of
+            # every plugin to look for schema upgrades (over 10 s here), while everything else starts.
+            self.rabbitmq.process.nice = CRITICAL_NICE
             self.rabbitmq.start()
 
     def start_smtp(self) -> None:

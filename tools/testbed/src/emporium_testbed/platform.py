@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import copy
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ MONITORING_CRDS = {
     f"monitoring.coreos.com_{plural}.yaml" for plural in ("servicemonitors", "podmonitors", "prometheusrules")
 }
 T = TypeVar("T")
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it
 
 
 class StepFailed(RuntimeError):
@@ -91,6 +93,9 @@ class LocalPlatform:
         self.observability = LocalObservability(self.root, self.servers)
         self.tracing = LocalTracing(self.root, self.logs)
         self._failed = threading.Event()
+        self._lock = threading.RLock()
+        self._rendered: dict[tuple[str, str, bool], list[dict]] = {}
+        self._kube_reader = None
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -203,25 +208,21 @@ class LocalPlatform:
         self.apply("\n---\n".join(yaml.safe_dump(d) for d in docs))
 
     def install_charts(self) -> None:
-        """The operator's chart and the umbrella chart, side by side (neither needs the other's objects)."""
-        with ThreadPoolExecutor(1) as pool:
-            operator_chart = pool.submit(
-                self.helm,
-                "upgrade",
-                "--install",
-                "emporium-operator",
-                str(CHARTS / "emporium-operator"),
-                "--namespace",
-                OPERATOR_NAMESPACE,
-                "--skip-crds",
-            )
-            self.install_umbrella_chart()
-            operator_chart.result()
+        """The operator's chart and the umbrella chart, side by side (neither needs the other's objects).
 
-    def install_umbrella_chart(self) -> None:
-        self.helm("dependency", "build", str(CHARTS / "emporium"))
-        # No hooks: a hook Job would never run without a kubelet; migrations run below as processes.
-        self.helm(
+        Skipped when neither chart, nor the values, nor the arguments changed since the last install
+        and both releases are still deployed: after a `make down` the objects are still stored."""
+        operator_args = [
+            "upgrade",
+            "--install",
+            "emporium-operator",
+            str(CHARTS / "emporium-operator"),
+            "--namespace",
+            OPERATOR_NAMESPACE,
+            "--skip-crds",
+        ]
+        # No hooks: a hook Job would never run without a kubelet; migrations run as processes instead.
+        umbrella_args = [
             "upgrade",
             "--install",
             "emporium",
@@ -238,7 +239,25 @@ class LocalPlatform:
             "users.oidc.providers=" + json.dumps([self.oidc_provider()]),
             "--set",
             f"users.oidc.redirectBaseUrl={self.ingress.url},users.oidc.cookieSecure=false",
-        )
+        ]
+        record = self.servers.control_plane.base_dir / "charts.sha256"
+        digest = _charts_digest([operator_args, umbrella_args])
+        if record.exists() and record.read_text() == digest and self._releases_deployed():
+            return
+        record.unlink(missing_ok=True)
+        self._rendered.clear()
+        with ThreadPoolExecutor(1) as pool:
+            operator_chart = pool.submit(self.helm, *operator_args)
+            self.helm("dependency", "build", str(CHARTS / "emporium"))
+            self.helm(*umbrella_args)
+            operator_chart.result()
+        record.write_text(digest)
+
+    def _releases_deployed(self) -> bool:
+        """Both releases have a deployed revision (Helm keeps its release records as Secrets)."""
+        names = self.kubectl("get", "secrets", "-A", "-l", "owner=helm,status=deployed", "-o", "name")
+        releases = {line.rsplit(".", 2)[-2] for line in names.split() if line.count(".") >= 2}
+        return {"emporium", "emporium-operator"} <= releases
 
     def oidc_provider(self) -> dict:
         return {
@@ -249,8 +268,14 @@ class LocalPlatform:
         }
 
     def rendered(self, release: str, namespace: str, hooks: bool = False) -> list[dict]:
-        text = self.helm("get", "hooks" if hooks else "manifest", release, "--namespace", namespace)
-        return [d for d in yaml.safe_load_all(text) if d]
+        """The release's manifests (or hooks) as Helm stored them; read once per `up` (each read is a
+        Helm process and a parse of the dashboards), a fresh copy for every caller."""
+        key = (release, namespace, hooks)
+        with self._lock:
+            if key not in self._rendered:
+                text = self.helm("get", "hooks" if hooks else "manifest", release, "--namespace", namespace)
+                self._rendered[key] = [d for d in yaml.load_all(text, Loader=_YAML_LOADER) if d]
+            return copy.deepcopy(self._rendered[key])
 
     def service_account_kubeconfig(self, namespace: str, name: str) -> Path:
         """A kubeconfig with a token of the ServiceAccount: the process gets exactly the chart's RBAC."""
@@ -283,11 +308,15 @@ class LocalPlatform:
         return path
 
     def _reader(self):
-        from kubernetes import client, config
+        with self._lock:
+            if self._kube_reader is None:
+                from kubernetes import client, config
 
-        from .workloads import kube_reader
+                from .workloads import kube_reader
 
-        return kube_reader(client.CoreV1Api(config.new_client_from_config(config_file=str(self.kubeconfig))))
+                api = client.CoreV1Api(config.new_client_from_config(config_file=str(self.kubeconfig)))
+                self._kube_reader = kube_reader(api)
+            return self._kube_reader
 
     def _addresses(self, deployments: list[dict]) -> dict[tuple[str, str], tuple[str, int]]:
         addresses = {
@@ -364,6 +393,16 @@ class LocalPlatform:
 
     def _migrate(self, migration: Workload) -> str | None:
         log = self.logs / f"{migration.name}.log"
+        record = self.run_dir / f"{migration.name}.migrated"
+        inputs = _migration_inputs(migration.process.argv, migration.process.env or {})
+        database_url = (migration.process.env or {}).get("DATABASE_URL")
+        if inputs and database_url and record.exists():
+            # After a `make down` the databases are where the last run left them: when neither the
+            # migrations nor the database changed since, a process (seconds of imports) would do nothing.
+            done = json.loads(record.read_text())
+            if done.get("inputs") == inputs and done.get("revision") == _alembic_revision(database_url):
+                return None
+        record.unlink(missing_ok=True)
         result = subprocess.run(
             migration.process.argv,
             env={**os.environ, **migration.process.env},
@@ -374,15 +413,21 @@ class LocalPlatform:
         log.write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             return f"migration {migration.name} failed; see {log}:\n{result.stderr[-2000:]}"
+        if inputs and database_url:
+            record.write_text(json.dumps({"inputs": inputs, "revision": _alembic_revision(database_url)}))
         return None
 
-    def start_services(self) -> list[Workload]:
+    def start_services(self, after: list[Future] | None = None) -> list[Workload]:
+        """Start the chart's Deployments, then (once the ``after`` steps have ended) wait until each
+        one is ready."""
         deployments = [d for d in self.rendered("emporium", NAMESPACE) if d["kind"] == "Deployment"]
         addresses = self._addresses(deployments)
         workloads = [self.workload(d, NAMESPACE, addresses) for d in deployments]
         for w in workloads:
             if not w.process.running():
                 w.process.start()
+        for step in after or []:
+            step.result()
         for w in workloads:
             port = w.container.port
             w.process.wait_ready(lambda port=port: _http_ok(f"http://127.0.0.1:{port}/readyz"), 90)
@@ -460,7 +505,8 @@ class LocalPlatform:
         """Start what is not running yet, as much as possible at once, printing each step as it ends.
 
         Postgres, RabbitMQ and the SMTP sink start beside the control plane; the ingress (istiod,
-        Envoy) starts as soon as the charts are installed, beside the operator, migrations and services.
+        Envoy) starts as soon as the charts are installed, beside the operator, migrations and services;
+        the services start while RabbitMQ may still be booting.
         The first failure anywhere stops the others at their next step, and is the one reported.
         """
         started = time.monotonic()
@@ -476,15 +522,21 @@ class LocalPlatform:
             background.append(future)
             return future
 
-        with ThreadPoolExecutor(7) as pool:
+        with ThreadPoolExecutor(10) as pool:
             try:
-                servers = [
-                    beside("postgres", self.servers.start_postgres),
+                postgres = beside("postgres", self.servers.start_postgres)
+                brokers = [
                     beside("rabbitmq", self.servers.start_rabbitmq),
                     beside("smtp sink", self.servers.start_smtp),
-                    beside("openid provider", self.servers.start_oidc),
                 ]
-                self.step("control plane", self.servers.start_control_plane)
+                # Only "Sign in with" needs the OpenID provider, and the users service asks it lazily.
+                oidc = beside("openid provider", self.servers.start_oidc)
+                self.step(
+                    "control plane",
+                    lambda: self.servers.start_control_plane(wait_for_controllers=False),
+                )
+                # Nothing below needs a controller right away (namespace deletion, garbage collection).
+                controllers = beside("controller manager", self.servers.control_plane.wait_for_controllers)
                 self.step("custom resource definitions", self.install_crds)
                 self.step("namespaces, PostgresServer, RabbitServer", self.apply_servers)
                 self.step("charts (helm upgrade --install)", self.install_charts)
@@ -494,16 +546,16 @@ class LocalPlatform:
                 # Ready below waits for it.
                 operator = beside("operator", self.start_operator)
                 tracing = beside("trace pipeline (OpenTelemetry Collector, Jaeger)", self.start_tracing)
-                for server in servers:
-                    server.result()
+                postgres.result()
                 self.step("databases, vhosts and topologies Ready", self.wait_for_resources)
                 self.step("migrations", self.run_migrations)
-                workloads = self.step("services", self.start_services)
+                # The services import their frameworks (seconds each) while RabbitMQ is still booting;
+                # they connect to it once it answers, as pods do.
+                workloads = self.step("services", lambda: self.start_services(after=brokers))
+                observability = beside("prometheus, postgres_exporter", self.start_observability)
                 self.step("service endpoints", lambda: self.register_endpoints(workloads))
-                self.step("prometheus, postgres_exporter", self.start_observability)
-                operator.result()
-                ingress.result()
-                tracing.result()
+                for future in (operator, ingress, tracing, observability, controllers, oidc):
+                    future.result()
             except BaseException as error:
                 self._failed.set()  # the other threads stop at their next step
                 failure = error
@@ -697,6 +749,46 @@ def _secret(name: str, data: dict[str, str]) -> dict:
     }
 
 
+def _charts_digest(arguments: list[list[str]]) -> str:
+    """A digest of every chart's files (not the dependency archives Helm builds from them), the local
+    values and the Helm arguments."""
+    digest = hashlib.sha256(json.dumps(arguments).encode())
+    for path in sorted([*CHARTS.rglob("*"), LOCAL_VALUES]):
+        if path.is_file() and path.suffix != ".tgz":
+            digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _migration_inputs(argv: list[str], env: dict[str, str]) -> str | None:
+    """A digest of what a migration Job's outcome depends on: its command, its environment and the
+    service's migration scripts (``python -m emporium_<svc> migrate`` -> services/<svc>/migrations).
+    None when the scripts cannot be found (the Job then always runs)."""
+    import importlib.util
+
+    if len(argv) < 3 or argv[1] != "-m":
+        return None
+    spec = importlib.util.find_spec(argv[2].split(".")[0])
+    if spec is None or spec.origin is None:
+        return None
+    scripts = Path(spec.origin).resolve().parents[2] / "migrations"
+    if not scripts.is_dir():
+        return None
+    digest = hashlib.sha256(json.dumps([argv, sorted(env.items())]).encode())
+    for path in sorted(scripts.rglob("*.py")):
+        digest.update(str(path.relative_to(scripts)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _alembic_revision(database_url: str) -> str | None:
+    """The database's alembic revision(s), or None when it has none (or cannot be read)."""
+    dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", database_url)
+    try:
+        rows = asyncio.run(_fetch(dsn, "SELECT version_num FROM alembic_version ORDER BY 1"))
+    except Exception:
+        return None
+    return ",".join(row[0] for row in rows) or None
+
+
 def _python(argv: list[str]) -> list[str]:
     """Containers run `python -m ...`: here that is this environment's interpreter; `kopf` likewise."""
     if argv and argv[0] in ("python", "python3"):
@@ -704,6 +796,16 @@ def _python(argv: list[str]) -> list[str]:
     if argv and argv[0] == "kopf":
         return [sys.executable, "-m", "kopf", *argv[1:]]
     return argv
+
+
+async def _fetch(dsn: str, query: str, *args: object) -> list:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn, timeout=5)
+    try:
+        return await connection.fetch(query, *args)
+    finally:
+        await connection.close()
 
 
 async def _fetchval(dsn: str, query: str, *args: object) -> object:
