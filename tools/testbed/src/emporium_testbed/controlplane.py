@@ -6,7 +6,10 @@ accounts and EndpointSlices. No kubelet runs, so pods are never scheduled."""
 from __future__ import annotations
 
 import base64
+import json
 import ssl
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,7 +224,22 @@ class ControlPlane:
         with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return response.status == 200
 
-    def get(self, path: str) -> bytes:
+    def get(self, path: str, accept: str = "application/json") -> bytes:
         """GET an API path as the admin (for smoke checks without a client library)."""
-        with urllib.request.urlopen(self.server + path, timeout=10, context=self.ssl_context()) as response:
-            return response.read()
+        request = urllib.request.Request(self.server + path, headers={"Accept": accept})
+        for attempt in range(20):
+            try:
+                with urllib.request.urlopen(request, timeout=10, context=self.ssl_context()) as response:
+                    return response.read()
+            except urllib.error.HTTPError as error:
+                # A server that has just started answers 429 until its priority-and-fairness
+                # configuration is in place (client-go retries it too; a local server is asked again sooner).
+                if error.code != 429 or attempt == 19:
+                    raise
+                time.sleep(min(float(error.headers.get("Retry-After") or 1), 0.25))
+        raise AssertionError("unreachable")
+
+    def list_metadata(self, path: str) -> list[dict]:
+        """The metadata of every object of a list path (the server leaves out specs and statuses)."""
+        accept = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+        return [item["metadata"] for item in json.loads(self.get(path, accept))["items"]]

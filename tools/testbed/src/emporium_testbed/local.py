@@ -24,7 +24,7 @@ from pathlib import Path
 from .controlplane import ControlPlane
 from .oidc import MockOIDCProvider
 from .postgres import PG_USER, PostgresServer
-from .process import CRITICAL_NICE, ManagedProcess, free_port, is_root, port_open
+from .process import CRITICAL_NICE, ManagedProcess, free_port, is_root, port_open, set_priority
 from .rabbitmq import RABBIT_USER, RabbitMQServer
 from .toolchain import REPO_ROOT
 
@@ -212,6 +212,7 @@ class LocalServers:
             # every plugin to look for schema upgrades (over 10 s here), while everything else starts.
             self.rabbitmq.process.nice = CRITICAL_NICE
             self.rabbitmq.start()
+            set_priority(self.rabbitmq.process.pid, 0)  # booted: an equal among the others again
 
     def start_smtp(self) -> None:
         if not self.smtp.running():

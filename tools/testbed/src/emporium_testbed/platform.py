@@ -95,7 +95,6 @@ class LocalPlatform:
         self._failed = threading.Event()
         self._lock = threading.RLock()
         self._rendered: dict[tuple[str, str, bool], list[dict]] = {}
-        self._kube_reader = None
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -165,7 +164,9 @@ class LocalPlatform:
         digest = hashlib.sha256(manifests.encode()).hexdigest()
         expected = len(re.findall(r"^kind: CustomResourceDefinition\s*$", manifests, flags=re.MULTILINE))
         if applied.exists() and applied.read_text() == digest:
-            stored = self.kubectl("get", "crd", "-o", "name").split()
+            stored = self.servers.control_plane.list_metadata(
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+            )
             if len(stored) >= expected:
                 return
         self.apply(manifests)
@@ -205,7 +206,22 @@ class LocalPlatform:
                 },
             },
         ]
-        self.apply("\n---\n".join(yaml.safe_dump(d) for d in docs))
+        manifests = "\n---\n".join(yaml.safe_dump(d) for d in docs)
+        # Skipped when the same objects were applied before and are still stored (after a `make down`).
+        record = self.servers.control_plane.base_dir / "servers.sha256"
+        digest = hashlib.sha256(manifests.encode()).hexdigest()
+        if record.exists() and record.read_text() == digest:
+            stored = {
+                (kind, m["name"])
+                for kind, plural in (("PostgresServer", "postgresservers"), ("RabbitServer", "rabbitservers"))
+                for m in self.servers.control_plane.list_metadata(
+                    f"/apis/{GROUP}/v1alpha1/namespaces/{NAMESPACE}/{plural}"
+                )
+            }
+            if {("PostgresServer", "postgres"), ("RabbitServer", "rabbit")} <= stored:
+                return
+        self.apply(manifests)
+        record.write_text(digest)
 
     def install_charts(self) -> None:
         """The operator's chart and the umbrella chart, side by side (neither needs the other's objects).
@@ -308,15 +324,19 @@ class LocalPlatform:
         return path
 
     def _reader(self):
-        with self._lock:
-            if self._kube_reader is None:
-                from kubernetes import client, config
+        """Reads Secrets and ConfigMaps as the admin, with plain GETs (the Kubernetes client library
+        alone takes a second or more of CPU to import, on the path of every start)."""
+        control_plane = self.servers.control_plane
 
-                from .workloads import kube_reader
+        def read(kind: str, namespace: str, name: str) -> dict[str, bytes]:
+            plural = "secrets" if kind == "Secret" else "configmaps"
+            path = f"/api/v1/namespaces/{namespace}/{plural}/{name}"
+            data = json.loads(control_plane.get(path)).get("data")
+            if kind == "Secret":
+                return {k: base64.b64decode(v) for k, v in (data or {}).items()}
+            return {k: v.encode() for k, v in (data or {}).items()}
 
-                api = client.CoreV1Api(config.new_client_from_config(config_file=str(self.kubeconfig)))
-                self._kube_reader = kube_reader(api)
-            return self._kube_reader
+        return read
 
     def _addresses(self, deployments: list[dict]) -> dict[tuple[str, str], tuple[str, int]]:
         addresses = {
@@ -374,9 +394,16 @@ class LocalPlatform:
     def wait_for_resources(self, timeout: float = 180) -> None:
         """Every database, vhost and topology Ready, with one kubectl call for all three kinds."""
         plurals = ("rabbitvhosts", "postgresdatabases", "rabbittopologies")
-        kinds = ",".join(f"{plural}.{GROUP}" for plural in plurals)
-        if not self.kubectl("get", kinds, "-n", NAMESPACE, "-o", "name").strip():
+        objects = [
+            item
+            for plural in plurals
+            for item in json.loads(
+                self.servers.control_plane.get(f"/apis/{GROUP}/v1alpha1/namespaces/{NAMESPACE}/{plural}")
+            )["items"]
+        ]
+        if all(_ready(item) for item in objects):  # none yet, or (after a `make down`) all still Ready
             return
+        kinds = ",".join(f"{plural}.{GROUP}" for plural in plurals)
         wait_for = ("--for=condition=Ready", f"--timeout={int(timeout)}s")
         self.kubectl("wait", kinds, "--all", "-n", NAMESPACE, *wait_for)
 
@@ -700,6 +727,15 @@ class LocalPlatform:
             port = ports.get(f"{name}/http")
             rows.append((pid_file.stem, process.running(), f"http://127.0.0.1:{port}" if port else ""))
         return rows + self.observability.status() + self.tracing.status()
+
+
+def _ready(item: dict) -> bool:
+    """The object's Ready condition is True for its current generation."""
+    status = item.get("status") or {}
+    ready = [c for c in status.get("conditions", []) if c.get("type") == "Ready"]
+    generation = item["metadata"].get("generation")
+    observed = ready[0].get("observedGeneration", status.get("observedGeneration")) if ready else None
+    return bool(ready) and ready[0].get("status") == "True" and observed in (None, generation)
 
 
 def _process_group(pid: int) -> int | None:

@@ -165,7 +165,7 @@ class ManagedProcess:
 # The niceness of processes no step of a start waits for (a lab's sign-in provider, the trace store),
 # and of the one every start waits for longest (RabbitMQ's boot), which only root may raise.
 BACKGROUND_NICE = 10
-CRITICAL_NICE = -5
+CRITICAL_NICE = -10
 
 
 def set_priority(pid: int, nice: int) -> None:
@@ -173,7 +173,7 @@ def set_priority(pid: int, nice: int) -> None:
     the kernel's autogroup scheduling a session's weight is its autogroup's nice value, so set both that
     and the process's own. Best effort: raising a priority takes root."""
     with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        os.setpriority(os.PRIO_PGRP, pid, nice)  # the process and whatever it started (its own group)
     with contextlib.suppress(OSError):
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
 
