@@ -24,7 +24,15 @@ from pathlib import Path
 from .controlplane import ControlPlane
 from .oidc import MockOIDCProvider
 from .postgres import PG_USER, PostgresServer
-from .process import CRITICAL_NICE, ManagedProcess, free_port, is_root, port_open, set_priority
+from .process import (
+    BACKGROUND_NICE,
+    CRITICAL_NICE,
+    ManagedProcess,
+    free_port,
+    is_root,
+    port_open,
+    set_priority,
+)
 from .rabbitmq import RABBIT_USER, RabbitMQServer
 from .toolchain import REPO_ROOT
 
@@ -222,7 +230,11 @@ class LocalServers:
     def start_oidc(self) -> None:
         if not (self.oidc.running() and _safe(self.oidc.ready)):
             self.oidc.stop()
-            self.oidc.start()
+            # Its JVM's start costs seconds of CPU that the rest of a start needs more (nothing waits
+            # for it but "Sign in with"); at full priority again once it serves.
+            self.oidc.process.nice = BACKGROUND_NICE
+            self.oidc.start(timeout=180)
+            set_priority(self.oidc.process.pid, 0)
 
     def processes(self) -> list[ManagedProcess]:
         """Every process these servers run, for stopping what a failed start left behind."""

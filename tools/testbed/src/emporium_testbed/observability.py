@@ -23,7 +23,7 @@ from urllib.parse import quote
 import yaml
 
 from .local import LocalServers
-from .process import BACKGROUND_NICE, ManagedProcess, StartupError, free_port
+from .process import ManagedProcess, StartupError, free_port
 
 PROMETHEUS_BIN = "/usr/bin/prometheus"  # Debian's prometheus (the package that also brings promtool)
 GATEWAY_STATS_PORT = 15090  # the gateway Envoy's Prometheus listener (pilot-agent's bootstrap)
@@ -322,14 +322,9 @@ class LocalTracing:
             [],
             self.logs / "otel-collector.log",
             pid_path=self.run_dir / "observability-otelcol.pid",
-            nice=BACKGROUND_NICE,
         )
         self.jaeger = ManagedProcess(
-            "jaeger",
-            [],
-            self.logs / "jaeger.log",
-            pid_path=self.run_dir / "observability-jaeger.pid",
-            nice=BACKGROUND_NICE,
+            "jaeger", [], self.logs / "jaeger.log", pid_path=self.run_dir / "observability-jaeger.pid"
         )
 
     def port(self, key: str) -> int:

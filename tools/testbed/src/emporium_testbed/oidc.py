@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .process import BACKGROUND_NICE, ManagedProcess, free_port
+from .process import ManagedProcess, free_port
 
 VERSION = "6.0.2"
 MAIN_CLASS = "no.nav.security.mock.oauth2.StandaloneMockOAuth2ServerKt"
@@ -109,15 +109,8 @@ class MockOIDCProvider:
         config = {"interactiveLogin": True, "httpServer": "NettyWrapper"}
         env = {"SERVER_HOSTNAME": self.host, "SERVER_PORT": str(self.port), "JSON_CONFIG": json.dumps(config)}
         # argv is filled in at start (finding the jars may mean fetching them); stop works from any process.
-        # Its JVM start costs seconds of CPU that the rest of a platform start needs more.
         self.process = ManagedProcess(
-            "mock-oauth2-server",
-            [],
-            self.log_path,
-            env=env,
-            cwd=self.base_dir,
-            pid_path=self.pid_path,
-            nice=BACKGROUND_NICE,
+            "mock-oauth2-server", [], self.log_path, env=env, cwd=self.base_dir, pid_path=self.pid_path
         )
 
     @property

@@ -162,9 +162,9 @@ class ManagedProcess:
             self.pid_path.unlink(missing_ok=True)
 
 
-# The niceness of processes no step of a start waits for (a lab's sign-in provider, the trace store),
-# and of the one every start waits for longest (RabbitMQ's boot), which only root may raise.
-BACKGROUND_NICE = 10
+# The niceness, while they boot, of a process no step of a start waits for (a lab's sign-in provider)
+# and of the one every start waits for longest (RabbitMQ), which only root may raise.
+BACKGROUND_NICE = 5
 CRITICAL_NICE = -10
 
 
