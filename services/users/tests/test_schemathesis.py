@@ -1,6 +1,6 @@
 """Property-based run of the published OpenAPI against a real server process: no input may cause a 5xx.
 
-Bounded: a few dozen examples per operation and mode, about a minute in all.
+Bounded: ``testing.FUZZ_EXAMPLES`` examples per operation and mode (200 in ``make test``).
 """
 
 import os
@@ -21,7 +21,20 @@ from schemathesis import GenerationMode
 from .conftest import ALEMBIC_INI
 
 # A deeper local run: SCHEMATHESIS_MAX_EXAMPLES=500 uv run pytest services/users/tests/test_schemathesis.py
-MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "30"))
+MAX_EXAMPLES = testing.FUZZ_EXAMPLES
+
+
+# `python -m emporium_users serve` with bcrypt at 4 rounds, as conftest.py sets for the in-process tests:
+# what is fuzzed is the handling of inputs, and at 12 rounds (a quarter of a second of CPU per hash, more on
+# a busy machine) the hundreds of registrations and logins took most of the run.
+SERVE_FAST_HASHES = """
+import sys, bcrypt
+import emporium_users.security as security
+security.BCRYPT_ROUNDS = 4
+security._DUMMY_HASH = bcrypt.hashpw(b"not-a-real-password", bcrypt.gensalt(4))
+from emporium_users.__main__ import main
+sys.exit(main(["serve"]))
+"""
 
 
 def _free_port() -> int:
@@ -42,12 +55,13 @@ def server(postgres, tmp_path_factory):
         "PORT": str(port),
         "JWT_KEYS_DIR": str(tmp_path_factory.mktemp("fuzz-keys")),
         "LOG_LEVEL": "WARNING",
+        # Failed logins from one address are slowed down (up to 4 s each after 10 failures): the fuzzer's
+        # hundreds of logins would spend most of the run asleep. The throttling has tests of its own.
+        "LOGIN_SLOWDOWN_MAX_SECONDS": "0",
     }
     log_path = tmp_path_factory.mktemp("fuzz-log") / "users.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "emporium_users", "serve"], env=env, stdout=log, stderr=log
-        )
+        process = subprocess.Popen([sys.executable, "-c", SERVE_FAST_HASHES], env=env, stdout=log, stderr=log)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120  # a busy shared machine imports slowly
@@ -66,6 +80,7 @@ def server(postgres, tmp_path_factory):
         process.wait(10)
 
 
+@pytest.mark.timeout(testing.fuzz_timeout(operations=20))
 def test_no_input_causes_a_server_error(server):
     base_url, log_path = server
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
@@ -84,7 +99,7 @@ def test_no_input_causes_a_server_error(server):
             )
             @given(case=operation.as_strategy(generation_mode=mode))
             def check(case):
-                response = case.call(base_url=base_url, timeout=10)
+                response = case.call(base_url=base_url, timeout=30)  # bcrypt on a busy machine
                 seen.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)
                 if response.status_code >= 500:
                     failures.append(

@@ -49,9 +49,15 @@ from .db import create_engine
 from .deps import get_session
 from .migrations import upgrade_head_async
 
-# Schemathesis examples per operation in the services' OpenAPI fuzz tests: 25 in ``make test``, 200 in
-# ``make fuzz`` (SCHEMATHESIS_MAX_EXAMPLES=200).
+# Schemathesis examples per operation in the services' OpenAPI fuzz tests: 200 in ``make test`` and
+# ``make fuzz`` (tools/test.sh sets SCHEMATHESIS_MAX_EXAMPLES=200), 25 in a bare ``pytest`` run.
 FUZZ_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25"))
+
+
+def fuzz_timeout(operations: int = 1, seconds_per_example: float = 1.0) -> int:
+    """pytest-timeout seconds for a fuzz test running ``operations`` x ``FUZZ_EXAMPLES`` examples (positive
+    and negative): a second per example, a generous bound on a busy machine; never below the default 600."""
+    return max(600, round(2 * operations * FUZZ_EXAMPLES * seconds_per_example))
 
 
 def create_test_database(postgres: Any, prefix: str) -> str:
