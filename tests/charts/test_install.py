@@ -137,7 +137,7 @@ spec:
     values = helm_args_for(platform)
     values += ["--set", f"ingress.gatewayNamespace={gw_ns}", "--set", f"global.rabbitVhost=charts-{suffix}"]
     # kind.yaml turns autoscaling off; keep one service's HPA and PDB so the API server sees them too
-    # kind.yaml turns monitoring off (kind has no kube-prometheus-stack); this API server has its CRDs
+    # monitoring (kind.yaml turns it on, but not the dashboards): this API server has the CRDs
     values += ["--set", "global.monitoring.enabled=true", "--set", "monitoring.rules.enabled=true"]
     values += ["--set", "monitoring.dashboards.enabled=true"]
     values += ["--set", "users.autoscaling.enabled=true", "--set", "users.podDisruptionBudget.enabled=true"]

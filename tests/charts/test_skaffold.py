@@ -87,10 +87,15 @@ def test_skaffold_render(skaffold, project, kubeconform, schema_locations, profi
     objects = parse(manifest)
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "ClusterRole", "PostgresDatabase", "RabbitTopology"} <= kinds
-    # kind has no kube-prometheus-stack (k8s/values/kind.yaml): monitoring objects only in the ha profile
+    # every profile monitors (kind: the Prometheus of tools/kind/deploy.sh); PodMonitors: the operator's and
+    # (with the ingress) the gateway's Envoy
     monitoring = {"PrometheusRule", "ServiceMonitor", "PodMonitor"} & kinds
-    expected = {"PrometheusRule", "ServiceMonitor", "PodMonitor"} if profile == "ha" else set()
-    assert monitoring == expected, monitoring  # the PodMonitor is the gateway's Envoy
+    assert monitoring == {"PrometheusRule", "ServiceMonitor", "PodMonitor"}, monitoring
+    pod_monitors = {o["metadata"]["name"] for o in objects if o["kind"] == "PodMonitor"}
+    assert "emporium-operator" in pod_monitors, pod_monitors
+    # traces from the gateway and the sidecars (Istio Telemetry) where the values enable them and Istio runs
+    # (no-mesh: no Envoy to configure, the services still export their spans; ha: tracing off)
+    assert ("Telemetry" in kinds) == (profile == "default"), kinds
     images = {
         container["image"]
         for obj in objects

@@ -155,3 +155,47 @@ def test_kind_up_stops_when_the_ingress_port_is_taken(tmp_path: Path) -> None:
     assert "make down" in result.stderr
     assert "Nothing was started" in result.stderr
     assert list((tmp_path / "cache" / "kind" / "stamps").glob("*")) == []  # nothing was built
+
+
+def _manifest_images(path: Path) -> set[str]:
+    images = set()
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc["kind"] == "Deployment":
+            images |= {c["image"] for c in doc["spec"]["template"]["spec"]["containers"]}
+        elif doc and doc["kind"] == "Prometheus":
+            images.add(doc["spec"]["image"])
+            assert doc["spec"]["image"].endswith(":" + doc["spec"]["version"])
+    return images
+
+
+def test_monitoring_and_tracing_manifests_run_the_images_build_sh_makes() -> None:
+    """k8s/monitoring/prometheus.yaml and k8s/observability/tracing.yaml name the images tools/images/build.sh
+    makes (and deploy.sh loads), at the pinned versions."""
+    listed = sh(f"bash {ROOT}/tools/images/build.sh --list prometheus otelcol jaeger")
+    assert listed.returncode == 0, listed.stderr
+    prometheus, otelcol, jaeger = listed.stdout.split()
+    assert _manifest_images(ROOT / "k8s" / "monitoring" / "prometheus.yaml") == {prometheus}
+    assert _manifest_images(ROOT / "k8s" / "observability" / "tracing.yaml") == {otelcol, jaeger}
+    assert otelcol.endswith(":" + PINS["OTELCOL_VERSION"]) and jaeger.endswith(":" + PINS["JAEGER_VERSION"])
+    # the operator's images under the names the module's own Deployment gives them
+    operator = sh(f"bash {ROOT}/tools/images/build.sh --list prometheus-operator prometheus-config-reloader")
+    images = dict(zip(("operator", "reloader"), operator.stdout.split(), strict=True))
+    module = (KIND / "modules" / "prometheus-operator" / "go.mod").read_text()
+    version = images["operator"].rsplit(":", 1)[1]
+    assert f"github.com/prometheus-operator/prometheus-operator {version}" in module
+    assert images["reloader"] == f"quay.io/prometheus-operator/prometheus-config-reloader:{version}"
+
+
+@pytest.mark.parametrize(
+    ("profile", "monitoring", "tracing"),
+    [("", "true", "true"), ("no-mesh", "true", "true"), ("ha", "true", "false")],
+)
+def test_deploy_installs_monitoring_and_tracing_as_the_profiles_values_say(
+    profile: str, monitoring: str, tracing: str
+) -> None:
+    deploy = (KIND / "deploy.sh").read_text()
+    value = deploy[deploy.index("value() {") : deploy.index("\n}\n", deploy.index("value() {")) + 3]
+    script = f"root={ROOT}; profile={profile}\n{value}\n"
+    result = sh(script + 'echo "$(value global.monitoring.enabled) $(value tracing.enabled)"')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [monitoring, tracing]

@@ -4,9 +4,11 @@
 # An image is rebuilt only when its recipe (this folder's files, the pins, the staged binaries) changes:
 # each built image carries the label dev.emporium.recipe=<hash of all that>.
 #
-#   tools/images/build.sh [name ...]      (default: all; `--list` prints the image references)
+#   tools/images/build.sh [name ...]          (default: all)
+#   tools/images/build.sh --list [name ...]   prints the image references (default: all)
 #
 # names: debian python uv dockerfile-frontend istio-pilot istio-proxy postgres rabbitmq mailpit
+#        prometheus prometheus-operator prometheus-config-reloader (monitoring), otelcol jaeger (tracing)
 # Environment: EMPORIUM_IMAGES_PULL=0 skips the registry probe.
 # Logs: ~/.cache/emporium/images/logs/<name>.log (a failed step names its log).
 set -euo pipefail
@@ -39,6 +41,13 @@ ref() {
     postgres) echo "emporium.local/postgres:15-bookworm" ;;
     rabbitmq) echo "emporium.local/rabbitmq:3.10-management" ;;
     mailpit) echo "emporium.local/mailpit:$MAILPIT_VERSION" ;;
+    prometheus) echo "emporium.local/prometheus:$PROMETHEUS_VERSION" ;;
+    # the operator's images under their upstream names: the module's own Deployment (and the --prometheus-
+    # config-reloader flag in it) names them, so it runs unchanged (tools/kind/deploy.sh)
+    prometheus-operator) echo "quay.io/prometheus-operator/prometheus-operator:$PROMETHEUS_OPERATOR_VERSION" ;;
+    prometheus-config-reloader) echo "quay.io/prometheus-operator/prometheus-config-reloader:$PROMETHEUS_OPERATOR_VERSION" ;;
+    otelcol) echo "emporium.local/otelcol:$OTELCOL_VERSION" ;;
+    jaeger) echo "emporium.local/jaeger:$JAEGER_VERSION" ;;
     *) return 1 ;;
   esac
 }
@@ -50,6 +59,8 @@ upstream() {
     postgres) echo "postgres:15-bookworm" ;;
     rabbitmq) echo "rabbitmq:3.10-management" ;;
     mailpit) echo "axllent/mailpit:$MAILPIT_VERSION" ;;
+    prometheus) echo "quay.io/prometheus/prometheus:$PROMETHEUS_VERSION" ;;
+    prometheus-operator | prometheus-config-reloader) ref "$1" ;;
     uv:*) echo "ghcr.io/astral-sh/uv:${1#uv:}" ;;
   esac
 }
@@ -238,10 +249,91 @@ img_mailpit() {
   rm -rf "$ctx"
 }
 
-all=(debian python uv dockerfile-frontend istio-pilot istio-proxy postgres rabbitmq mailpit)
+img_prometheus() {
+  local ref out mod=$root/tools/kind/modules/prometheus ctx dir src
+  ref=$(ref prometheus)
+  # the binary is keyed by the version and our plugins.go
+  out=$cache/bin/prometheus-$PROMETHEUS_VERSION-$(sha256sum "$mod/plugins.go.overlay" | cut -c1-12)
+  if have "$ref" && [ -z "$(label_of "$ref")" ]; then log "$ref: present (pulled), kept"; return 0; fi
+  [ -n "$(label_of "$ref")" ] || ! pull_as "$(upstream prometheus)" "$ref" || return 0
+  if [ ! -x "$out" ]; then
+    log "prometheus: go build $PROMETHEUS_VERSION, Kubernetes discovery only (log: $logs/prometheus-go.log)"
+    # the pinned module's source with its plugins.go (every service discovery) replaced by ours (Kubernetes
+    # only), built as the main module (its own go.mod and go.sum; go build -overlay may not touch the module cache)
+    dir=$(cd "$mod" && go mod download github.com/prometheus/prometheus && go list -m -f '{{.Dir}}' github.com/prometheus/prometheus)
+    src=$(mktemp -d "${TMPDIR:-/tmp}/emporium-prometheus.XXXXXX")
+    cp -r "$dir/." "$src/" && chmod -R u+w "$src" && cp "$mod/plugins.go.overlay" "$src/plugins/plugins.go"
+    (cd "$src" && nice -n 10 go build -trimpath \
+      -ldflags "-s -w -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v}" -o "$out.tmp" \
+      ./cmd/prometheus) >"$logs/prometheus-go.log" 2>&1 || { rm -rf "$src"; fail prometheus-go "go build"; }
+    rm -rf "$src"
+    mv "$out.tmp" "$out"
+  fi
+  ctx=$(stage prometheus)
+  cp "$out" "$ctx/prometheus"
+  registry=0 build_image prometheus "$ref" "$ctx"
+  rm -rf "$ctx"
+}
+
+# prometheus-operator and prometheus-config-reloader: one go build of the wrapper module (both commands)
+prometheus_operator_bins() {
+  local out=$cache/bin/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION
+  if [ ! -x "$out/operator" ] || [ ! -x "$out/prometheus-config-reloader" ]; then
+    log "prometheus-operator: go build $PROMETHEUS_OPERATOR_VERSION (log: $logs/prometheus-operator-go.log)"
+    rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+    go_build "$root/tools/kind/modules/prometheus-operator" "$out.tmp/" \
+      "-X github.com/prometheus/common/version.Version=${PROMETHEUS_OPERATOR_VERSION#v}" \
+      github.com/prometheus-operator/prometheus-operator/cmd/operator \
+      github.com/prometheus-operator/prometheus-operator/cmd/prometheus-config-reloader \
+      >"$logs/prometheus-operator-go.log" 2>&1 || fail prometheus-operator-go "go build"
+    rm -rf "$out" && mv "$out.tmp" "$out"
+  fi
+  echo "$out"
+}
+img_operator_binary() { # name binary
+  local ref bin ctx
+  ref=$(ref "$1")
+  if have "$ref" && [ -z "$(label_of "$ref")" ]; then log "$ref: present (pulled), kept"; return 0; fi
+  [ -n "$(label_of "$ref")" ] || ! pull_as "$(upstream "$1")" "$ref" || return 0
+  bin=$(prometheus_operator_bins)
+  ctx=$(stage "$1")
+  cp "$bin/$2" "$ctx/"
+  registry=0 build_image "$1" "$ref" "$ctx"
+  rm -rf "$ctx"
+}
+img_prometheus_operator() { img_operator_binary prometheus-operator operator; }
+img_prometheus_config_reloader() { img_operator_binary prometheus-config-reloader prometheus-config-reloader; }
+
+img_toolchain_binary() { # name: the toolchain's binary of that name (built for make up), as an image
+  local bin ctx
+  bin=$(toolchain_tool "$1")
+  ctx=$(stage "$1")
+  cp "$bin/$1" "$ctx/"
+  registry=0 build_image "$1" "$(ref "$1")" "$ctx"
+  rm -rf "$ctx"
+}
+toolchain_tool() {
+  if [ -n "${EMPORIUM_TOOLCHAIN_BIN:-}" ] && [ -x "$EMPORIUM_TOOLCHAIN_BIN/$1" ]; then
+    echo "$EMPORIUM_TOOLCHAIN_BIN"
+  else
+    bash "$root/tools/toolchain/build.sh" "$1" | tail -n 1
+  fi
+}
+img_otelcol() { img_toolchain_binary otelcol; }
+img_jaeger() { img_toolchain_binary jaeger; }
+
+all=(debian python uv dockerfile-frontend istio-pilot istio-proxy postgres rabbitmq mailpit
+  prometheus prometheus-operator prometheus-config-reloader otelcol jaeger)
 if [ "${1:-}" = --list ]; then
-  for n in debian python dockerfile-frontend istio-pilot istio-proxy postgres rabbitmq mailpit; do ref "$n"; done
-  for v in "${UV_VERSIONS[@]}"; do echo "ghcr.io/astral-sh/uv:$v"; done
+  shift
+  [ $# -gt 0 ] || set -- "${all[@]}"
+  for n in "$@"; do
+    if [ "$n" = uv ]; then
+      for v in "${UV_VERSIONS[@]}"; do echo "ghcr.io/astral-sh/uv:$v"; done
+    else
+      ref "$n"
+    fi
+  done
   exit 0
 fi
 names=("$@")

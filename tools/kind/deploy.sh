@@ -4,6 +4,12 @@
 #  2. Istio from its own Helm charts (base, istiod, gateway) in the pinned istio.io/istio module source;
 #  3. the development data services (Postgres, RabbitMQ with management, mailpit) and the operator's CRDs
 #     and PostgresServer/RabbitServer objects;
+#     when the platform's values (skaffold.yaml's emporium release of the profile) enable them:
+#     monitoring (global.monitoring.enabled): prometheus-operator's CRDs, RBAC and Deployment from its pinned
+#       module (tools/kind/modules/prometheus-operator), and a Prometheus (k8s/monitoring/prometheus.yaml);
+#     tracing (tracing.enabled): the OpenTelemetry Collector and Jaeger (k8s/observability/tracing.yaml);
+#     (the CRDs here; their images are loaded and they are started in the background during skaffold deploy,
+#     and waited for at the end: nothing of ours waits for them)
 #  4. what `skaffold run` does, in three steps: `skaffold build` (the five images and the operator's, from their
 #     Dockerfiles; started in the background at the beginning), one `kind load` of all of them, then
 #     `skaffold deploy`: the operator chart and the umbrella chart with hooks (the migration Jobs run), waiting
@@ -58,14 +64,55 @@ ISTIO_VERSION=$(sed -n 's/^ISTIO_VERSION=//p' "$root/tools/toolchain/versions.en
 istio_charts=$(cd "$root/tools/toolchain/istio" && GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download istio.io/istio &&
   GOTOOLCHAIN=local GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' istio.io/istio)/manifests/charts
 
+# value KEY: "true" when the emporium release of this profile (skaffold.yaml: its values files over the chart's
+# defaults) sets KEY (dotted) true
+value() {
+  python3 - "$root" "${profile:-}" "$1" <<'PY'
+import sys
+
+import yaml
+
+root, profile, key = sys.argv[1:]
+config = yaml.safe_load(open(f"{root}/skaffold.yaml"))
+deploy = next(
+    (p["deploy"] for p in config.get("profiles", []) if p["name"] == profile and "deploy" in p), config["deploy"]
+)
+(release,) = [r for r in deploy["helm"]["releases"] if r["name"] == "emporium"]
+values = yaml.safe_load(open(f"{root}/{release['chartPath']}/values.yaml"))
+
+
+def merge(into, new):
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            merge(into[k], v)
+        else:
+            into[k] = v
+
+
+for f in release.get("valuesFiles", []):
+    merge(values, yaml.safe_load(open(f"{root}/{f}")) or {})
+for k in key.split("."):
+    values = values.get(k) if isinstance(values, dict) else None
+print("true" if values is True else "false")
+PY
+}
+monitoring=$(value global.monitoring.enabled)
+tracing=$(value tracing.enabled)
+# the images the cluster runs (python, uv and the Dockerfile frontend are for skaffold's builds only); the
+# monitoring and tracing ones are loaded apart, while skaffold deploys (nothing of ours waits for them)
+cluster_images=(istio-pilot istio-proxy postgres rabbitmq mailpit)
+observability_images=()
+[ "$monitoring" = true ] && observability_images+=(prometheus prometheus-operator prometheus-config-reloader)
+[ "$tracing" = true ] && observability_images+=(otelcol jaeger)
+
 step add-on-images "add-on images (tools/images/build.sh; logs in ~/.cache/emporium/images/logs)"
-bash "$root/tools/images/build.sh"
+bash "$root/tools/images/build.sh" python uv dockerfile-frontend "${cluster_images[@]}" "${observability_images[@]}"
 
 cd "$root"
 args=(--kube-context "$context" ${profile:+-p "$profile"})
 work=$(mktemp -d "${TMPDIR:-/tmp}/emporium-deploy.XXXXXX")
-build_pid=
-trap 'rm -rf "$work"; [ -z "$build_pid" ] || { pkill -P "$build_pid"; kill "$build_pid"; } 2>/dev/null || true' EXIT
+build_pid= observability_pid=
+trap 'rm -rf "$work"; for p in $build_pid $observability_pid; do { pkill -P "$p"; kill "$p"; } 2>/dev/null || true; done' EXIT
 skaffold_log=${EMPORIUM_CACHE:-$HOME/.cache/emporium}/kind/logs/skaffold-build.log
 if [ "$mode" = run ]; then
   # our five images and the operator's, built (or found in skaffold's cache) while the add-ons install
@@ -82,7 +129,7 @@ fi
 # one `kind load` for all of them: one archive, their shared Debian layers once (a node that already has an
 # image, e.g. a reused cluster, skips it)
 step load-add-on-images "loading the add-on images into kind"
-mapfile -t addons < <(bash "$root/tools/images/build.sh" --list | grep '^emporium.local/' | grep -v '/debian:')
+mapfile -t addons < <(bash "$root/tools/images/build.sh" --list "${cluster_images[@]}")
 kind load docker-image --name "$cluster" "${addons[@]}" >/dev/null
 
 step namespaces "namespaces"
@@ -90,6 +137,45 @@ kc apply -f "$root/k8s/namespaces.yaml" >/dev/null
 
 step data-services-apply "development data services: Postgres, RabbitMQ, mailpit (started now, waited for after Istio)"
 kc apply -f "$root/k8s/dev/postgres.yaml" -f "$root/k8s/dev/rabbitmq.yaml" -f "$root/k8s/dev/mailpit.yaml" >/dev/null
+
+if [ "$monitoring" = true ]; then
+  PROMETHEUS_OPERATOR_VERSION=$(sed -n 's/^PROMETHEUS_OPERATOR_VERSION=//p' "$root/tools/images/versions.env")
+  prom_op=$(cd "$root/tools/kind/modules/prometheus-operator" &&
+    GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download github.com/prometheus-operator/prometheus-operator &&
+    GOTOOLCHAIN=local GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' github.com/prometheus-operator/prometheus-operator)
+  step monitoring-crds "monitoring: prometheus-operator $PROMETHEUS_OPERATOR_VERSION's CRDs (from $prom_op/example; the operator and Prometheus follow with skaffold deploy)"
+  # the CRDs the charts use (ServiceMonitor, PodMonitor, PrometheusRule), the Prometheus the operator runs and
+  # Probe, which its Prometheus controller watches; server-side: the CRDs are too large for the last-applied
+  # annotation
+  for crd in servicemonitors podmonitors prometheusrules prometheuses probes; do
+    kc apply --server-side -f "$prom_op/example/prometheus-operator-crd/monitoring.coreos.com_$crd.yaml" >/dev/null
+  done
+  kc wait --for=condition=Established crd/prometheuses.monitoring.coreos.com crd/servicemonitors.monitoring.coreos.com \
+    crd/podmonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com --timeout=60s >/dev/null
+fi
+# observability_up: loads the monitoring and tracing images into kind, then starts prometheus-operator (the
+# module's own manifests in namespace monitoring: its Deployment names the images tools/images/build.sh made
+# under their upstream names), the Prometheus, the OpenTelemetry Collector and Jaeger
+observability_up() {
+  [ ${#observability_images[@]} -gt 0 ] || return 0
+  local images
+  mapfile -t images < <(bash "$root/tools/images/build.sh" --list "${observability_images[@]}")
+  kind load docker-image --name "$cluster" "${images[@]}" >/dev/null
+  if [ "$tracing" = true ]; then
+    # Jaeger first: a collector that dials jaeger:4317 before kube-proxy has the Service's rules reaches
+    # whatever answers outside the node and keeps that connection (every export then fails with a 404)
+    kc apply -f "$root/k8s/observability/tracing.yaml" -l app.kubernetes.io/name=jaeger >/dev/null
+    kc -n observability rollout status deployment/jaeger --timeout=5m >/dev/null
+    kc apply -f "$root/k8s/observability/tracing.yaml" >/dev/null
+  fi
+  if [ "$monitoring" = true ]; then
+    for f in service-account cluster-role cluster-role-binding deployment service; do
+      sed 's/^\( *namespace:\) default$/\1 monitoring/' "$prom_op/example/rbac/prometheus-operator/prometheus-operator-$f.yaml"
+      echo ---
+    done | kc apply -f - >/dev/null
+    kc apply -f "$root/k8s/monitoring/prometheus.yaml" >/dev/null
+  fi
+}
 
 step istio "Istio $ISTIO_VERSION from $istio_charts (base, istiod, ingress gateway on NodePort 30080 -> 127.0.0.1:8080)"
 hi istio-base "$istio_charts/base" -n istio-system --create-namespace -f "$root/k8s/istio/base-values.yaml"
@@ -108,6 +194,8 @@ kc wait --for=condition=Established crd --all --timeout=60s >/dev/null
 kc apply -f "$root/k8s/dev/servers.yaml" >/dev/null
 
 if [ "$mode" = dev ]; then
+  [ ${#observability_images[@]} -eq 0 ] || log "monitoring and tracing: ${observability_images[*]}"
+  observability_up
   log "skaffold dev${profile:+ -p $profile} (builds the images, the operator chart, then the platform with its hooks)"
   rm -rf "$work"
   exec skaffold dev "${args[@]}" --port-forward=user
@@ -122,6 +210,11 @@ mapfile -t built < <(python3 -c 'import json, sys; print("\n".join(b["tag"] for 
   "$work/build.json")
 step load-images "loading our ${#built[@]} images into kind (one archive: the shared Python layers once)"
 kind load docker-image --name "$cluster" "${built[@]}" >/dev/null
+if [ ${#observability_images[@]} -gt 0 ]; then
+  log "monitoring and tracing in the background: ${observability_images[*]} loaded into kind, then started"
+  observability_up >"$work/observability.log" 2>&1 &
+  observability_pid=$!
+fi
 step skaffold-deploy "skaffold deploy${profile:+ -p $profile} (the operator chart, then the platform with its hooks: the migration Jobs)"
 skaffold deploy "${args[@]}" --build-artifacts "$work/build.json" --load-images=false
 
@@ -158,6 +251,22 @@ for product in json.load(open(catalog)):
 print(f"sample catalog: {added} added")
 PY
 
+if [ "$monitoring" = true ] || [ "$tracing" = true ]; then
+  step observability-wait "waiting for the monitoring and tracing add-ons"
+  wait "$observability_pid" || { cat "$work/observability.log" >&2; die "loading or starting ${observability_images[*]} failed"; }
+  observability_pid=
+  if [ "$tracing" = true ]; then
+    kc -n observability rollout status deployment/otel-collector --timeout=5m
+    kc -n observability rollout status deployment/jaeger --timeout=5m
+  fi
+  if [ "$monitoring" = true ]; then
+    kc -n monitoring rollout status deployment/prometheus-operator --timeout=5m
+    # the operator makes the StatefulSet of the Prometheus object
+    for _ in $(seq 1 60); do kc -n monitoring get statefulset/prometheus-emporium >/dev/null 2>&1 && break; sleep 2; done
+    kc -n monitoring rollout status statefulset/prometheus-emporium --timeout=5m
+  fi
+fi
+
 step end
 printf '%s\tdeploy/total\trun\t%s\t%s\n' "$(date -Is)" "$((SECONDS - t0))" "${profile:-default}" >>"$timings"
 cat <<EOF
@@ -167,5 +276,13 @@ Emporium is running on kind (context $context), ready after $((SECONDS - t0)) s:
   admin:    kubectl --context $context -n emporium get secret users-admin -o jsonpath='{.data.ADMIN_EMAIL}' | base64 -d
             kubectl --context $context -n emporium get secret users-admin -o jsonpath='{.data.ADMIN_PASSWORD}' | base64 -d
   mail:     kubectl --context $context -n mail port-forward svc/mailpit 8025  (API: /api/v1/messages)
+EOF
+[ "$monitoring" != true ] || cat <<EOF
+  metrics:  kubectl --context $context -n monitoring port-forward svc/prometheus-operated 9090  (Prometheus; no Grafana)
+EOF
+[ "$tracing" != true ] || cat <<EOF
+  traces:   kubectl --context $context -n observability port-forward svc/jaeger 16686  (Jaeger's UI and API)
+EOF
+cat <<EOF
   remove:   make kind-down
 EOF
