@@ -57,6 +57,21 @@ class KindSpec:
     reconcile: Reconcile
 
 
+# Never read here, and most of a stored body's size: the store keeps objects without them.
+_UNREAD_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
+
+
+def _slim(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as the store keeps it: without metadata.managedFields and kubectl's copy of the last applied
+    object (a shallow copy; nothing in the operator reads either)."""
+    meta = dict(body.get("metadata") or {})
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations and not _UNREAD_ANNOTATIONS.isdisjoint(annotations):
+        meta["annotations"] = {k: v for k, v in annotations.items() if k not in _UNREAD_ANNOTATIONS}
+    return {**body, "metadata": meta}
+
+
 def _rv(body: dict[str, Any]) -> int:
     try:
         return int(body["metadata"].get("resourceVersion") or 0)
@@ -106,6 +121,7 @@ class Engine:
 
     def observe(self, plural: str, event_type: str | None, body: dict[str, Any]) -> None:
         """A watch event: keep the newest body; schedule what changed."""
+        body = _slim(body)
         meta = body["metadata"]
         key = (plural, meta["namespace"], meta["name"])
         if event_type == "DELETED":
@@ -326,6 +342,7 @@ class Engine:
             self.schedule(key, RETRY_MIN)
             return
         if result is not None:
+            result = _slim(result)
             current = self.bodies.get(key)
             if current is None or _rv(result) >= _rv(current):
                 self.bodies[key] = result
