@@ -130,6 +130,14 @@ class Operator:
             except OSError:
                 pass
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the operator process has used (how much of the shared CPU is ours)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, AttributeError, IndexError, ValueError):
+            return float("nan")
+
     def rss_mib(self) -> float:
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -464,7 +472,10 @@ def main() -> int:
                 ready = watches[plural].wait([name], min(overall, time.monotonic() + 30))
                 lat += latencies(starts, ready)
             ok &= len(lat) == args.singles
-            print(f"single {kind}: apply->Ready (watch) {summary(lat)}", flush=True)
+            print(
+                f"single {kind}: apply->Ready (watch) {summary(lat)}, load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
 
         # bursts
         n = args.count
@@ -474,12 +485,17 @@ def main() -> int:
             ("RabbitTopology", "rabbittopologies", topo_spec, "burst-topo"),
         ):
             docs = [body(kind, f"{prefix}{i:03d}", spec_of(f"{prefix}{i:03d}")) for i in range(n)]
+            cpu = op.cpu_seconds()
             starts = create_all(api, docs)
             ready = watches[plural].wait(list(starts), min(overall, time.monotonic() + 180))
             lat = latencies(starts, ready)
             burst[kind] = lat
             ok &= len(lat) == n
-            print(f"burst {n} {kind}: operator {summary(lat)}, {in_order(starts, ready)}", flush=True)
+            print(
+                f"burst {n} {kind}: operator {summary(lat)}, {in_order(starts, ready)}, "
+                f"load {os.getloadavg()[0]:.1f}, operator CPU {op.cpu_seconds() - cpu:.1f}s",
+                flush=True,
+            )
 
         # the floor, in the same run
         pg_lat = asyncio.run(pg_floor(pg, [f"floor_db{i:03d}" for i in range(n)]))
@@ -538,6 +554,7 @@ def main() -> int:
                 body("PostgresDatabase", f"scale{i:04d}", db_spec(f"scale{i:04d}")) for i in range(args.scale)
             ]
             t0 = time.monotonic()
+            cpu = op.cpu_seconds()
             starts = create_all(api, docs)
             ready = watches["postgresdatabases"].wait(list(starts), min(overall, time.monotonic() + 600))
             lat = latencies(starts, ready)
@@ -546,7 +563,8 @@ def main() -> int:
                 f"scale {args.scale} PostgresDatabase (max_connections=100): {len(lat)}/{args.scale} Ready "
                 "in "
                 f"{time.monotonic() - t0:.1f}s, {summary(lat)}; operator RSS now {op.rss_mib():.0f} MiB, "
-                f"peak {op.peak_kb / 1024:.0f} MiB",
+                f"peak {op.peak_kb / 1024:.0f} MiB; operator CPU {op.cpu_seconds() - cpu:.1f}s, "
+                f"load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
             ok &= len(lat) == args.scale
