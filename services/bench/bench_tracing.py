@@ -1,7 +1,8 @@
 """What tracing costs: throughput of ``GET /products?limit=20`` on two products instances side by side, one
 with tracing off (``OTEL_TRACES_EXPORTER=none``) and one exporting every span (OTLP/HTTP to the local
-OpenTelemetry Collector, which forwards to Jaeger: the pipeline `make up` runs). Rounds alternate which
-instance goes first, so machine noise hits both alike. Loopback only; bounded in requests and time.
+OpenTelemetry Collector, which forwards to Jaeger: the pipeline `make up` runs), plus a third that samples
+10 % of new traces (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``): what sampling saves. Rounds alternate
+which instance goes first, so machine noise hits all alike. Loopback only; bounded in requests and time.
 
     uv run python services/bench/bench_tracing.py [--requests 2000] [--rounds 6] [--concurrency 8]
 
