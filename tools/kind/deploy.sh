@@ -58,6 +58,17 @@ for tool in docker kind kubectl helm skaffold go; do
 done
 kind get clusters 2>/dev/null | grep -qx "$cluster" || die "no kind cluster $cluster (make kind-up creates it)"
 kc() { kubectl --context "$context" "$@"; }
+# kubectl wait fails at once ("accessor error") on a CRD the API server has not given a status yet: ask again
+established() {
+  local deadline=$((SECONDS + 90))
+  until kc wait --for=condition=Established "$@" --timeout=10s >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      kc wait --for=condition=Established "$@" --timeout=5s
+      return 1
+    fi
+    sleep 1
+  done
+}
 hi() { helm --kube-context "$context" upgrade --install --wait --timeout 10m "$@"; }
 
 ISTIO_VERSION=$(sed -n 's/^ISTIO_VERSION=//p' "$root/tools/toolchain/versions.env")
@@ -150,8 +161,8 @@ if [ "$monitoring" = true ]; then
   for crd in servicemonitors podmonitors prometheusrules prometheuses probes; do
     kc apply --server-side -f "$prom_op/example/prometheus-operator-crd/monitoring.coreos.com_$crd.yaml" >/dev/null
   done
-  kc wait --for=condition=Established crd/prometheuses.monitoring.coreos.com crd/servicemonitors.monitoring.coreos.com \
-    crd/podmonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com --timeout=60s >/dev/null
+  established crd/prometheuses.monitoring.coreos.com crd/servicemonitors.monitoring.coreos.com \
+    crd/podmonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com
 fi
 # observability_up: loads the monitoring and tracing images into kind, then starts prometheus-operator (the
 # module's own manifests in namespace monitoring: its Deployment names the images tools/images/build.sh made
@@ -190,7 +201,7 @@ kc -n mail rollout status deployment/mailpit --timeout=5m
 
 step operator-crds "operator CRDs, then the PostgresServer/RabbitServer objects (development credentials)"
 kc apply --server-side -f "$root/charts/emporium-operator/crds/" >/dev/null
-kc wait --for=condition=Established crd --all --timeout=60s >/dev/null
+established crd --all
 kc apply -f "$root/k8s/dev/servers.yaml" >/dev/null
 
 if [ "$mode" = dev ]; then
