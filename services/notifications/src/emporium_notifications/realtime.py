@@ -8,13 +8,12 @@ transaction rolls back, and no broker permissions are needed for the fan-out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import defaultdict
 from typing import Any
 
-import asyncpg
+from emporium_common.pg_listen import PgListener
 from fastapi import WebSocket
 from prometheus_client import Counter, Gauge
 
@@ -59,21 +58,25 @@ class Hub:
         await asyncio.gather(*(send(ws) for ws in sockets))
 
 
-def asyncpg_dsn(database_url: str) -> str:
-    return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 class Listener:
-    """LISTEN on the fan-out channel (own connection, reconnects) and push to the hub."""
+    """LISTEN on the fan-out channel (own connection, reconnects: :class:`PgListener`) and push to the hub."""
 
     def __init__(self, database_url: str, hub: Hub) -> None:
-        self.dsn, self.hub = asyncpg_dsn(database_url), hub
-        self._stop = asyncio.Event()
+        self.hub = hub
         self.listening = asyncio.Event()
         self._pushes: set[asyncio.Task] = set()
+        self._listener = PgListener(
+            database_url,
+            CHANNEL,
+            self._on_notify,
+            on_connect=self.listening.set,
+            on_disconnect=self.listening.clear,
+            log_message="websocket fan-out listener failed",
+            logger=log,
+        )
 
     def stop(self) -> None:
-        self._stop.set()
+        self._listener.stop()
 
     def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         try:
@@ -88,27 +91,4 @@ class Listener:
         task.add_done_callback(self._pushes.discard)
 
     async def run(self) -> None:
-        delay = 0.5
-        while not self._stop.is_set():
-            connection = None
-            try:
-                connection = await asyncpg.connect(self.dsn, timeout=10)
-                await connection.add_listener(CHANNEL, self._on_notify)
-                self.listening.set()
-                delay = 0.5
-                while not self._stop.is_set() and not connection.is_closed():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), timeout=5)
-                    if not self._stop.is_set():
-                        await connection.execute("SELECT 1")  # notices a dead connection
-            except Exception as exc:
-                log.warning("websocket fan-out listener failed: %r", exc)
-            finally:
-                self.listening.clear()
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.close(timeout=2)
-            if not self._stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
-                delay = min(delay * 2, 10)
+        await self._listener.run()

@@ -14,14 +14,12 @@ page older than a change it missed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
-import asyncpg
+from emporium_common.pg_listen import PgListener
 
 log = logging.getLogger("emporium.products.cache")
 CHANNEL = "emporium_products_changed"
@@ -63,46 +61,33 @@ class CatalogCache:
 
 
 class CacheListener:
-    """LISTEN on ``CHANNEL`` (own connection, reconnects with backoff) for one :class:`CatalogCache`."""
+    """LISTEN on ``CHANNEL`` (own connection, reconnects with backoff: :class:`PgListener`) for one
+    :class:`CatalogCache`: every notification drops the pages; the cache serves only while listening and
+    starts afresh on every (re)connect."""
 
     def __init__(self, database_url: str, cache: CatalogCache) -> None:
-        self.dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
         self.cache = cache
-        self._stop = asyncio.Event()
+        self._listener = PgListener(
+            database_url,
+            CHANNEL,
+            cache.invalidate,
+            on_connect=self._connected,
+            on_disconnect=self._lost,
+            application_name=APPLICATION_NAME,
+            log_message="catalogue cache listener failed (cache off until it reconnects)",
+            logger=log,
+        )
 
     def stop(self) -> None:
-        self._stop.set()
+        self._listener.stop()
 
-    def _lost(self, *_: Any) -> None:
+    def _connected(self) -> None:
+        self.cache.invalidate()  # whatever changed while nobody listened
+        self.cache.listening = True
+
+    def _lost(self) -> None:
         self.cache.listening = False
         self.cache.invalidate()
 
     async def run(self) -> None:
-        delay = 0.5
-        while not self._stop.is_set():
-            connection = None
-            try:
-                connection = await asyncpg.connect(
-                    self.dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME}
-                )
-                connection.add_termination_listener(self._lost)
-                await connection.add_listener(CHANNEL, self.cache.invalidate)
-                self.cache.invalidate()  # whatever changed while nobody listened
-                self.cache.listening = True
-                delay = 0.5
-                while not self._stop.is_set() and not connection.is_closed():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), timeout=5)
-                    if not self._stop.is_set():
-                        await connection.execute("SELECT 1")  # notices a connection that died silently
-            except Exception as exc:
-                log.warning("catalogue cache listener failed (cache off until it reconnects): %r", exc)
-            finally:
-                self._lost()
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.close(timeout=2)
-            if not self._stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
-                delay = min(delay * 2, 10)
+        await self._listener.run()
