@@ -515,19 +515,70 @@ def test_ingress_bounds_request_bodies(render) -> None:
     assert not [
         o for o in render("emporium", "--set", "ingress.maxRequestBodyBytes=0") if o["kind"] == "EnvoyFilter"
     ]
+
+
+def test_no_request_meets_a_closing_connection(render) -> None:
+    """A rollout or an idle connection never costs a request: a stopping pod keeps serving until it is out of
+    the endpoints (preStop), Envoy drops idle connections before the services do, and the edge retries only
+    what never reached a service (safe for a POST)."""
+    from emporium_common.config import Settings
+
+    objects = render("emporium")
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    for svc in [*SERVICES, "storefront"]:
+        pod = deployments[svc]["spec"]["template"]["spec"]
+        delay = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert 0 < delay < pod["terminationGracePeriodSeconds"], svc
+    rules = {o["spec"]["host"].split(".")[0]: o for o in objects if o["kind"] == "DestinationRule"}
+    assert set(rules) == {*SERVICES, "storefront"}
+    for svc, rule in rules.items():
+        assert "tls" not in rule["spec"]["trafficPolicy"], "automatic mTLS must stay on"
+        idle = rule["spec"]["trafficPolicy"]["connectionPool"]["http"]["idleTimeout"]
+        assert idle.endswith("s") and int(idle[:-1]) < Settings.model_fields["keep_alive_seconds"].default, (
+            svc
+        )
+    (virtual_service,) = [o for o in objects if o["kind"] == "VirtualService"]
+    for route in virtual_service["spec"]["http"]:
+        if "timeout" not in route:  # the websockets
+            continue
+        retry_on = set(route["retries"]["retryOn"].split(","))
+        assert retry_on <= {
+            "connect-failure",
+            "refused-stream",
+            "unavailable",
+            "cancelled",
+            "reset-before-request",
+        }
+        assert "reset-before-request" in retry_on and route["retries"]["attempts"] >= 1, route["name"]
+    assert not [
+        o
+        for o in render("emporium", "--set", "orders.shutdownDelaySeconds=0")
+        if o["kind"] == "Deployment"
+        and o["metadata"]["name"] == "orders"
+        and "lifecycle" in o["spec"]["template"]["spec"]["containers"][0]
+    ]
+
+
 def test_storefront_wiring(render) -> None:
     """The storefront: the four services by their cluster names, its session key from its own kept Secret,
     no database or broker, no migration Job, the library's hardening."""
     objects = render("emporium", "-f", str(CHARTS.parent / "k8s" / "values" / "kind.yaml"))
-    (deployment,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "storefront"]
+    (deployment,) = [
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "storefront"
+    ]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert container["command"] == ["python", "-m", "emporium_storefront", "serve"]
     for svc in SERVICES:
         assert env[f"{svc.upper()}_URL"]["value"] == f"http://{svc}.emporium.svc.cluster.local:8000"
-    assert env["SESSION_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "storefront-session-key", "key": "SESSION_KEY"}
+    assert env["SESSION_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "storefront-session-key",
+        "key": "SESSION_KEY",
+    }
     assert "DATABASE_URL" not in env and "AMQP_URL" not in env
-    (secret,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "storefront-session-key"]
+    (secret,) = [
+        o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "storefront-session-key"
+    ]
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     kinds = {o["kind"] for o in objects if o["metadata"]["name"].startswith("storefront")}
     assert not kinds & {"PostgresDatabase", "RabbitTopology", "Job"}

@@ -67,6 +67,12 @@ spec:
           envFrom:
             {{- toYaml . | nindent 12 }}
           {{- end }}
+          {{- if .Values.shutdownDelaySeconds }}
+          lifecycle:
+            preStop:
+              sleep:
+                seconds: {{ .Values.shutdownDelaySeconds }}
+          {{- end }}
           startupProbe:
             httpGet:
               path: /healthz

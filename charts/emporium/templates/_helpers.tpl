@@ -20,6 +20,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/* The CORS policy of an API route (nothing when no origin is allowed). */}}
+{{- define "emporium.retries" -}}
+{{- with .Values.ingress.retries }}
+retries:
+  attempts: {{ .attempts }}
+  retryOn: {{ .retryOn | quote }}
+{{- end }}
+{{- end -}}
+
 {{- define "emporium.cors" -}}
 {{- with .Values.ingress.cors }}
 {{- if .allowOrigins }}

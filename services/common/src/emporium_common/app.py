@@ -111,4 +111,11 @@ def serve(app: FastAPI, settings: Settings, *, proxy_headers: bool = False) -> N
     """
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=proxy_headers)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        proxy_headers=proxy_headers,
+        timeout_keep_alive=settings.keep_alive_seconds,
+    )

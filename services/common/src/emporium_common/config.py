@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     # All interfaces in a container; the local platform (make up) binds services to 127.0.0.1.
     host: str = "0.0.0.0"  # noqa: S104
     port: int = Field(default=8000, ge=1, le=65535)
+    # How long an idle keep-alive connection stays open. Longer than every client's idle timeout (Envoy's is
+    # 60 s by the chart's DestinationRules, httpx's 5 s): a server that closes first races the client reusing
+    # the connection, and the request lost in that race comes back as a 503 (uvicorn's default is 5 s).
+    keep_alive_seconds: int = Field(default=75, ge=1, le=3600)
     database_url: str = "postgresql://postgres:postgres@localhost:5432/emporium"
     database_pool_size: int = Field(default=10, ge=1)
     amqp_url: str | None = None
