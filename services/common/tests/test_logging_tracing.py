@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 from emporium_common import Settings, create_app, testing
 from emporium_common.tracing import setup_tracing
 from fastapi import APIRouter, FastAPI
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
 router = APIRouter()
 
@@ -42,7 +44,17 @@ def test_tracing_is_off_by_default(common_database_url):
     assert not setup_tracing(FastAPI(), Settings(database_url=common_database_url))
 
 
-async def test_console_tracing_adds_trace_ids_to_logs(common_database_url, capsys):
+@pytest.fixture
+def httpx_uninstrumented_after():
+    """setup_tracing instruments httpx for the whole process: undo it, or every later test's httpx requests
+    would carry this test's traceparent and print console spans."""
+    yield
+    HTTPXClientInstrumentor().uninstrument()
+
+
+async def test_console_tracing_adds_trace_ids_to_logs(
+    common_database_url, capsys, httpx_uninstrumented_after
+):
     settings = Settings(
         service_name="tracedemo", database_url=common_database_url, otel_traces_exporter="console"
     )
