@@ -21,6 +21,8 @@ import yaml
 from emporium_testbed.ingress import GATEWAY_PORT
 from emporium_testbed.kind import REPO_ROOT, KindError, KindPlatform
 
+from .traces import assert_one_complete_trace
+
 GATEWAY = f"http://127.0.0.1:{GATEWAY_PORT}"
 RULES = REPO_ROOT / "charts" / "emporium" / "rules" / "emporium-alerts.yaml"
 PROMETHEUS = "/api/v1/namespaces/monitoring/services/http:prometheus-operated:web/proxy"
@@ -150,31 +152,7 @@ def test_kind_one_trace_from_the_gateway_to_the_notifications_consumer(kind_clus
     assert len(trace_ids) == 1, f"orders logged no single trace id for request {request_id}"
     (trace_id,) = trace_ids
 
-    def complete(services: set[str], operations: set[str]) -> bool:
-        return (
-            {"orders", "products", "notifications"} <= services
-            and any("ingressgateway" in name for name in services)
-            and "emporium.events publish" in operations
-            and "notifications.events process" in operations
-            and "smtp send" in operations
-        )
+    def fetch(trace: str) -> str:
+        return kind_cluster.kubectl("get", "--raw", f"{JAEGER}/api/traces/{trace}")
 
-    data: dict = {"spans": [], "processes": {}}
-    services: set[str] = set()
-    operations: set[str] = set()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not complete(services, operations):
-        time.sleep(3)
-        # Until Jaeger has stored the trace it answers {"data": null, ...}: look again.
-        with contextlib.suppress(KindError, KeyError, IndexError, TypeError, ValueError):
-            answer = kind_cluster.kubectl("get", "--raw", f"{JAEGER}/api/traces/{trace_id}")
-            data = json.loads(answer)["data"][0]
-            services = {data["processes"][s["processID"]]["serviceName"] for s in data["spans"]}
-            operations = {s["operationName"] for s in data["spans"]}
-    assert complete(services, operations), (sorted(services), sorted(operations))
-    # one trace: every span but the root has its parent inside it, and the root is the gateway's
-    spans = data["spans"]
-    ids = {s["spanID"] for s in spans}
-    roots = [s for s in spans if not [r for r in s.get("references", []) if r["spanID"] in ids]]
-    assert len(roots) == 1, [(s["operationName"], s.get("references")) for s in roots]
-    assert "ingressgateway" in data["processes"][roots[0]["processID"]]["serviceName"]
+    assert_one_complete_trace(fetch, trace_id, timeout=120, interval=3)

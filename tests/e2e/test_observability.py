@@ -44,6 +44,8 @@ from emporium_testbed.observability import LocalObservability, rule_groups
 from emporium_testbed.process import ManagedProcess, pid_alive, port_open
 from emporium_testbed.toolchain import REPO_ROOT, tool
 
+from .traces import assert_one_complete_trace
+
 GATEWAY = f"http://127.0.0.1:{GATEWAY_PORT}"
 CHARTS = REPO_ROOT / "charts"
 RULES = CHARTS / "emporium" / "rules" / "emporium-alerts.yaml"
@@ -453,33 +455,10 @@ def test_one_trace_from_the_gateway_to_the_email(local, http, shopper):
     assert len(trace_ids) == 1, f"orders logged no single trace id for request {request_id}"
     (trace_id,) = trace_ids
 
-    def complete(services: set[str], operations: set[str]) -> bool:
-        return (
-            {"orders", "products", "notifications"} <= services
-            and any("ingressgateway" in name for name in services)
-            and "emporium.events publish" in operations
-            and "notifications.events process" in operations
-            and "smtp send" in operations
-        )
+    def fetch(trace: str) -> str:
+        return httpx.get(f"{jaeger}/api/traces/{trace}", timeout=10).text
 
-    data: dict = {"spans": [], "processes": {}}
-    services: set[str] = set()
-    operations: set[str] = set()
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not complete(services, operations):
-        time.sleep(2)
-        # Until Jaeger has stored the trace it answers {"data": null, ...}: look again.
-        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, TypeError, ValueError):
-            data = httpx.get(f"{jaeger}/api/traces/{trace_id}", timeout=10).json()["data"][0]
-            services = {data["processes"][s["processID"]]["serviceName"] for s in data["spans"]}
-            operations = {s["operationName"] for s in data["spans"]}
-    assert complete(services, operations), (sorted(services), sorted(operations))
-    # one trace: every span but the root has its parent inside it, and the root is the gateway's
-    spans = data["spans"]
-    ids = {s["spanID"] for s in spans}
-    roots = [s for s in spans if not [r for r in s.get("references", []) if r["spanID"] in ids]]
-    assert len(roots) == 1, [(s["operationName"], s.get("references")) for s in roots]
-    assert "ingressgateway" in data["processes"][roots[0]["processID"]]["serviceName"]
+    assert_one_complete_trace(fetch, trace_id, timeout=90, interval=2)
     for component in ("orders", "products", "notifications"):
         lines = [e for e in _log_entries(local, component) if e.get("trace_id") == trace_id]
         assert lines, f"{component} logged nothing with the order's trace id"
