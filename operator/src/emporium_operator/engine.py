@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import kopf
 
-from . import events, metrics
+from . import events, metrics, trace
 from .common import (
     INTERVAL,
     RETRY_MAX,
@@ -91,6 +91,7 @@ class Engine:
         self.heap: list[tuple[float, int, Key]] = []
         self.counter = 0
         self.running: set[Key] = set()
+        self.queued_at: dict[Key, float] = {}  # when a key became due (for the debug trace)
         self.rerun: set[Key] = set()
         self.queue: asyncio.Queue[Key] | None = None
         self.wakeup: asyncio.Event | None = None
@@ -152,6 +153,7 @@ class Engine:
         self.seen_generation.pop(key, None)
         self.attempts.pop(key, None)
         self.due.pop(key, None)
+        self.queued_at.pop(key, None)
         for waiters in self.waiting.values():
             waiters.discard(key)
 
@@ -186,6 +188,7 @@ class Engine:
                 if self.due.get(key) != at:
                     continue  # rescheduled earlier, or forgotten
                 del self.due[key]
+                self.queued_at[key] = at
                 self.queue.put_nowait(key)
             timeout = self.heap[0][0] - now if self.heap else None
             self.wakeup.clear()
@@ -254,6 +257,14 @@ class Engine:
     async def process(self, key: Key) -> None:
         spec = self.kinds[key[0]]
         started = time.monotonic()
+        queued = started - self.queued_at.pop(key, started)
+        token = trace.begin()
+        try:
+            await self._process(key, spec, started, queued)
+        finally:
+            trace.end(token)
+
+    async def _process(self, key: Key, spec: KindSpec, started: float, queued: float) -> None:
         async with self.locks[key]:
             body = self.bodies.get(key)
             if body is None or body["metadata"].get("deletionTimestamp"):
@@ -302,11 +313,14 @@ class Engine:
                         self.wake(out.provides)
                 patch.update(out.status)  # what the kind recorded, also when it then failed
                 worked = time.monotonic()
+                spans = trace.current()
                 await self._patch_status(key, body, patch)
                 log.debug(
-                    "%s/%s/%s: reconciled in %.3fs, status in %.3fs",
+                    "%s/%s/%s: queued %.3fs, reconcile %.3fs [%s], status %.3fs",
                     *key,
+                    queued,
                     worked - started,
+                    trace.format_spans(spans),
                     time.monotonic() - worked,
                 )
 

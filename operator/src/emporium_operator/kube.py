@@ -12,6 +12,8 @@ from urllib.parse import quote
 import httpx
 import kopf
 
+from . import trace
+
 FIELD_MANAGER = "emporium-operator"
 
 
@@ -41,19 +43,21 @@ class Kube:
         return self._client
 
     async def get(self, path: str) -> dict[str, Any] | None:
-        response = await self.client.get(path)
+        with trace.span("kube.get"):
+            response = await self.client.get(path)
         if response.status_code == 404:
             return None
         response.raise_for_status()
         return response.json()
 
     async def apply(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self.client.patch(
-            path,
-            json=body,
-            params={"fieldManager": FIELD_MANAGER, "force": "true"},
-            headers={"Content-Type": "application/apply-patch+yaml"},
-        )
+        with trace.span("kube.apply"):
+            response = await self.client.patch(
+                path,
+                json=body,
+                params={"fieldManager": FIELD_MANAGER, "force": "true"},
+                headers={"Content-Type": "application/apply-patch+yaml"},
+            )
         response.raise_for_status()
         return response.json()
 

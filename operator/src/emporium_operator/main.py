@@ -51,6 +51,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Only our own Secrets are streamed from the API server (server-side label selector).
     settings.watching.label_selectors["secrets"] = f"{MANAGED_LABEL}=true"
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # DEBUG: the engine logs where each reconcile's time went (queue, Kubernetes, Postgres, RabbitMQ calls,
+    # status), without Kopf's own debug output (``kopf run --verbose`` shows both).
+    logging.getLogger("emporium_operator").setLevel(os.environ.get("EMPORIUM_LOG_LEVEL", "NOTSET").upper())
     metrics.serve()
     for module in KINDS:
         ENGINE.register(KindSpec(module.KIND, module.PLURAL, module.reconcile))

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import kopf
 
-from . import events, pg_server, postgres
+from . import events, pg_server, postgres, trace
 from .common import (
     CREDENTIALS_HASH,
     NotReady,
@@ -106,7 +106,8 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
     server = await pg_server.server_for(body)
     server_ref = (pg_server.PLURAL, server["metadata"]["namespace"], server["metadata"]["name"])
     # The admin Secret and the object's own Secret, read at once.
-    conn, current = await asyncio.gather(pg_server.connection(server), own_secret(body, secret_name))
+    with trace.span("secrets"):
+        conn, current = await asyncio.gather(pg_server.connection(server), own_secret(body, secret_name))
     if postgres.reserved_role(owner, conn.user):
         raise Refused("Forbidden", f"role {owner!r} is reserved (postgres, pg_*, the admin user)")
     existing = secret_password(current)
@@ -126,7 +127,8 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
         password_from_secret=bool(existing) and not rotated,
     )
     try:
-        steps = await postgres.ensure(conn, desired)
+        with trace.span("postgres"):
+            steps = await postgres.ensure(conn, desired)
     except postgres.Forbidden as e:
         raise Refused("Forbidden", f"{e}; nothing was changed") from e
     except asyncpg.DependentObjectsStillExistError as e:

@@ -16,6 +16,8 @@ from typing import Any
 
 import asyncpg
 
+from . import trace
+
 RESERVED_DATABASES = frozenset({"postgres", "template0", "template1"})
 RESERVED_ROLES = frozenset({"postgres", "public", "current_user", "session_user", "current_role"})
 MAX_IDENTIFIER = 63
@@ -324,7 +326,8 @@ class _Connections:
         conn = self.by_db.get(dbname)
         if conn is None:
             self.connect_soon(dbname)
-            conn = self.by_db[dbname] = await self.connecting.pop(dbname)
+            with trace.span("pg.connect-wait"):
+                conn = self.by_db[dbname] = await self.connecting.pop(dbname)
         return conn
 
     async def close(self, wait: bool = True) -> None:
@@ -360,7 +363,10 @@ _CLOSING: set[asyncio.Future] = set()
 @contextlib.asynccontextmanager
 async def _session(server: ServerConn, wait_close: bool = True):
     pool = await pool_for(server)
-    async with pool.limit, (await pool.pool()).acquire() as admin:
+    async with contextlib.AsyncExitStack() as stack:
+        with trace.span("pg.acquire"):
+            await stack.enter_async_context(pool.limit)
+            admin = await stack.enter_async_context((await pool.pool()).acquire())
         conns = _Connections(admin, server)
         try:
             yield conns
@@ -419,11 +425,13 @@ async def ensure(server: ServerConn, desired: DesiredDatabase) -> list[Step]:
     database; returns the steps that were needed (empty when nothing drifted). Raises Forbidden, having
     changed nothing, when a role or database is not the operator's."""
     async with _session(server, wait_close=False) as conns:
-        observed = await _observe(conns, desired)
+        with trace.span("pg.observe"):
+            observed = await _observe(conns, desired)
         problem = takeover(observed, desired)
         if problem:
             raise Forbidden(problem)
-        steps = plan(observed, desired)
+        with trace.span("pg.plan"):
+            steps = plan(observed, desired)
         await _apply(conns, steps)
         return steps
 
@@ -436,7 +444,9 @@ async def _apply(conns: _Connections, steps: list[Step]) -> None:
 
     async def flush() -> None:
         if batch:
-            await (await conns.get(batch[0].dbname)).execute("; ".join(s.sql for s in batch))
+            conn = await conns.get(batch[0].dbname)
+            with trace.span("pg." + "+".join(dict.fromkeys(s.obj for s in batch))):
+                await conn.execute("; ".join(s.sql for s in batch))
             batch.clear()
 
     for step in steps:

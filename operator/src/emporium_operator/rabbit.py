@@ -17,6 +17,8 @@ from urllib.parse import quote
 
 import httpx
 
+from . import trace
+
 POLICY_PREFIX = "emporium-queue."
 POLICY_PRIORITY = 100
 # Statistics-free reads: the management stats DB lags behind (and on some versions crashes for a vhost
@@ -242,7 +244,8 @@ class RabbitAdmin:
     async def _call(
         self, method: str, path: str, body: Any = None, params: dict | None = None, missing_ok: bool = False
     ) -> Any:
-        response = await self.client.request(method, path, json=body, params=params)
+        with trace.span(f"rabbit.{method} {path.split('/')[1]}"):
+            response = await self.client.request(method, path, json=body, params=params)
         if response.status_code == 404 and missing_ok:
             return None
         if response.status_code >= 400:

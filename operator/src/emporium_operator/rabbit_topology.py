@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import kopf
 
-from . import events, rabbit, rabbit_server, rabbit_vhost
+from . import events, rabbit, rabbit_server, rabbit_vhost, trace
 from .common import (
     CREDENTIALS_HASH,
     NotReady,
@@ -106,9 +106,10 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
     secret_name = spec.get("secretName") or f"{name}-amqp"
     server = await rabbit_server.server_for(body)
     # The object's own Secret and the admin Secret (in the management API client), read at once.
-    current, (api, admin_user) = await asyncio.gather(
-        own_secret(body, secret_name), rabbit_server.api_for(server)
-    )
+    with trace.span("secrets"):
+        current, (api, admin_user) = await asyncio.gather(
+            own_secret(body, secret_name), rabbit_server.api_for(server)
+        )
     existing = secret_password(current)
     now = dt.datetime.now(dt.UTC)
     rotate, trigger = rotation_due(spec, status, now)
@@ -118,7 +119,9 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
     for x in want.queues:
         if x["type"] == "quorum" and not x["durable"]:
             raise Refused("InvalidSpec", f"quorum queue {x['name']!r} must be durable")
-    async with api.limit:
+    with trace.span("rabbit.limit"):
+        await api.limit.acquire()
+    try:
         try:
             observed = await rabbit.observe_topology(api, want)  # four reads at once
             have_vhost = observed.vhost
@@ -151,6 +154,8 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
             if isinstance(e, rabbit.RabbitError) and e.status == 400:
                 raise Refused("InvalidSpec", f"the broker rejected the topology: {e}") from e
             raise rabbit_server.error(e, server["spec"]["managementUrl"], rabbit_server.key_of(server)) from e
+    finally:
+        api.limit.release()
     data = binding_data(want.user, password, server, want.vhost)
     await write_secret(body, secret_name, data, current, {CREDENTIALS_HASH: credentials_hash(data)})
     objects = [o for o in result.repairs if not (rotated and o == "password")]
