@@ -7,7 +7,7 @@ import asyncio
 import datetime as dt
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,19 @@ def unreachable(exc: BaseException) -> bool:
         | asyncpg.ConnectionDoesNotExistError
         | httpx.TransportError,
     )
+
+
+def background(coro: Awaitable[Any]) -> asyncio.Future:
+    """Run coro concurrently; the caller awaits the result (or cancels it). An exception nobody awaits
+    (the caller failed first) is not reported as never retrieved."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_retrieve)
+    return task
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 # --- the operator's Secrets ---------------------------------------------------------------------

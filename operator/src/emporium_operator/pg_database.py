@@ -15,6 +15,7 @@ from .common import (
     NotReady,
     Outcome,
     Refused,
+    background,
     blocked,
     claim,
     claim_winner,
@@ -105,40 +106,62 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
         raise Refused("Conflict", problem)
     server = await pg_server.server_for(body)
     server_ref = (pg_server.PLURAL, server["metadata"]["namespace"], server["metadata"]["name"])
-    # The admin Secret and the object's own Secret, read at once.
-    with trace.span("secrets"):
-        conn, current = await asyncio.gather(pg_server.connection(server), own_secret(body, secret_name))
-    if postgres.reserved_role(owner, conn.user):
-        raise Refused("Forbidden", f"role {owner!r} is reserved (postgres, pg_*, the admin user)")
-    existing = secret_password(current)
-    now = dt.datetime.now(dt.UTC)
-    rotate, trigger = rotation_due(spec, status, now)
-    rotated = bool(existing and rotate)
-    password = generate_password() if rotated or not existing else existing
-    wanted = tuple(spec.get("extensions") or ())
-    removed = tuple(e for e in status.get("extensions") or [] if e not in wanted)
-    desired = postgres.DesiredDatabase(
-        dbname,
-        owner,
-        password,
-        wanted,
-        marker(namespace, name),
-        removed,
-        password_from_secret=bool(existing) and not rotated,
-    )
+    # The object's own Secret is read while the admin credentials are looked up and the server is observed
+    # (reads only: a Secret not owned by this object is refused before anything is changed).
+    reading = background(own_secret(body, secret_name))
+    creating = None
     try:
-        with trace.span("postgres"):
-            steps = await postgres.ensure(conn, desired)
-    except postgres.Forbidden as e:
-        raise Refused("Forbidden", f"{e}; nothing was changed") from e
-    except asyncpg.DependentObjectsStillExistError as e:
-        raise Refused("InvalidSpec", f"a removed extension is still in use: {e}") from e
-    except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
-        if isinstance(e, asyncpg.UndefinedFileError | asyncpg.FeatureNotSupportedError):
-            raise Refused("InvalidSpec", f"extension cannot be installed: {e}") from e
-        raise pg_server.error(e, f"{conn.host}:{conn.port}", server_ref) from e
-    data = binding_data(owner, password, conn, dbname)
-    await write_secret(body, secret_name, data, current, {CREDENTIALS_HASH: credentials_hash(data)})
+        with trace.span("admin-secret"):
+            conn = await pg_server.connection(server)
+        if postgres.reserved_role(owner, conn.user):
+            raise Refused("Forbidden", f"role {owner!r} is reserved (postgres, pg_*, the admin user)")
+        try:
+            async with postgres.session(conn, wait_close=False) as conns:
+                with trace.span("pg.observe"):
+                    observed = await postgres.observe(conns, owner, dbname)
+                with trace.span("secret.read"):
+                    current = await reading
+                existing = secret_password(current)
+                now = dt.datetime.now(dt.UTC)
+                rotate, trigger = rotation_due(spec, status, now)
+                rotated = bool(existing and rotate)
+                password = generate_password() if rotated or not existing else existing
+                wanted = tuple(spec.get("extensions") or ())
+                removed = tuple(e for e in status.get("extensions") or [] if e not in wanted)
+                desired = postgres.DesiredDatabase(
+                    dbname,
+                    owner,
+                    password,
+                    wanted,
+                    marker(namespace, name),
+                    removed,
+                    password_from_secret=bool(existing) and not rotated,
+                )
+                steps = postgres.checked_plan(observed, desired)
+                data = binding_data(owner, password, conn, dbname)
+                annotations = {CREDENTIALS_HASH: credentials_hash(data)}
+                # A new Secret is written while the steps run: nothing is refused any more, and should a
+                # step fail, the next reconcile uses the password in it. An existing one only after them:
+                # a rotated password reaches the server first, then the Secret.
+                if current is None:
+                    creating = background(write_secret(body, secret_name, data, None, annotations))
+                await postgres.apply(conns, steps)
+        except postgres.Forbidden as e:
+            raise Refused("Forbidden", f"{e}; nothing was changed") from e
+        except asyncpg.DependentObjectsStillExistError as e:
+            raise Refused("InvalidSpec", f"a removed extension is still in use: {e}") from e
+        except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+            if isinstance(e, asyncpg.UndefinedFileError | asyncpg.FeatureNotSupportedError):
+                raise Refused("InvalidSpec", f"extension cannot be installed: {e}") from e
+            raise pg_server.error(e, f"{conn.host}:{conn.port}", server_ref) from e
+    finally:
+        reading.cancel()
+        if creating is not None:  # never left half done, also when a step failed
+            await asyncio.wait([creating])
+    if creating is not None:
+        await creating
+    else:
+        await write_secret(body, secret_name, data, current, annotations)
     objects = [s.obj for s in steps if not (rotated and s.obj == "password")]
     count_drift(KIND, body, objects, out)
     out.status.update(

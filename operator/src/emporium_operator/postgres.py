@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,7 +362,9 @@ _CLOSING: set[asyncio.Future] = set()
 
 
 @contextlib.asynccontextmanager
-async def _session(server: ServerConn, wait_close: bool = True):
+async def session(server: ServerConn, wait_close: bool = True) -> AsyncIterator[_Connections]:
+    """A pooled admin connection (under the server's concurrency bound) and, on demand, connections into
+    databases (closed at the end; wait_close=False: in the background)."""
     pool = await pool_for(server)
     async with contextlib.AsyncExitStack() as stack:
         with trace.span("pg.acquire"):
@@ -374,39 +377,41 @@ async def _session(server: ServerConn, wait_close: bool = True):
             await conns.close(wait_close)
 
 
-_ROLE_COLUMNS = "rolsuper, rolcreaterole, rolreplication, rolbypassrls, shobj_description(oid, 'pg_authid')"
+# The role and the database in one round trip (LEFT JOINs on a one-row relation: absent ones are NULLs).
+_OBSERVE = """
+SELECT r.rolname IS NOT NULL, r.rolcanlogin, {verifier}, r.rolsuper, r.rolcreaterole, r.rolreplication,
+       r.rolbypassrls, shobj_description(r.oid, 'pg_authid'),
+       d.datname IS NOT NULL, pg_get_userbyid(d.datdba), d.datacl::text[],
+       shobj_description(d.oid, 'pg_database')
+FROM (SELECT 1) AS one
+LEFT JOIN {roles} AS r ON r.rolname = $1
+LEFT JOIN pg_database AS d ON d.datname = $2
+"""
+_OBSERVE_AUTHID = _OBSERVE.format(verifier="r.rolpassword", roles="pg_authid")
+_OBSERVE_ROLES = _OBSERVE.format(verifier="NULL::text", roles="pg_roles")  # no read access to pg_authid
 
 
-async def _observe(conns: _Connections, desired: DesiredDatabase) -> ObservedDatabase:
+async def observe(conns: _Connections, role: str, database: str) -> ObservedDatabase:
+    """What the server has of the role and the database (one query on the admin connection) and, when the
+    database exists, of its public schema and extensions (one more connection)."""
     observed = ObservedDatabase()
     conn = await conns.get()
     try:
-        row = await conn.fetchrow(
-            f"SELECT rolcanlogin, rolpassword, {_ROLE_COLUMNS} FROM pg_authid WHERE rolname = $1",  # noqa: S608
-            desired.role,
-        )
+        row = await conn.fetchrow(_OBSERVE_AUTHID, role, database)
     except asyncpg.InsufficientPrivilegeError:
         observed.password_readable = False
-        row = await conn.fetchrow(
-            f"SELECT rolcanlogin, NULL, {_ROLE_COLUMNS} FROM pg_roles WHERE rolname = $1",  # noqa: S608
-            desired.role,
-        )
-    if row:
-        observed.role_exists, observed.role_can_login, observed.role_password = True, row[0], row[1]
+        row = await conn.fetchrow(_OBSERVE_ROLES, role, database)
+    if row[0]:
+        observed.role_exists, observed.role_can_login, observed.role_password = True, row[1], row[2]
         observed.role_powers = [
-            label for label, value in zip(POWERFUL_ATTRIBUTES.values(), row[2:6], strict=True) if value
+            label for label, value in zip(POWERFUL_ATTRIBUTES.values(), row[3:7], strict=True) if value
         ]
-        observed.role_comment = row[6]
-    row = await conn.fetchrow(
-        "SELECT pg_get_userbyid(datdba), datacl::text[], shobj_description(oid, 'pg_database') "
-        "FROM pg_database WHERE datname = $1",
-        desired.database,
-    )
-    if row:
-        observed.database_exists, observed.database_owner, observed.database_acl = True, row[0], row[1]
-        observed.database_comment = row[2]
+        observed.role_comment = row[7]
+    if row[8]:
+        observed.database_exists, observed.database_owner, observed.database_acl = True, row[9], row[10]
+        observed.database_comment = row[11]
     if observed.database_exists:
-        conn = await conns.get(desired.database)
+        conn = await conns.get(database)
         row = await conn.fetchrow(
             "SELECT pg_get_userbyid(nspowner), nspacl::text[] FROM pg_namespace WHERE nspname = 'public'"
         )
@@ -420,23 +425,29 @@ class Forbidden(Exception):
     """Applying the spec would take over a role or database the operator does not own."""
 
 
+def checked_plan(observed: ObservedDatabase, desired: DesiredDatabase) -> list[Step]:
+    """The steps from observed to desired; Forbidden (nothing to run) when a role or database is not the
+    operator's."""
+    problem = takeover(observed, desired)
+    if problem:
+        raise Forbidden(problem)
+    with trace.span("pg.plan"):
+        return plan(observed, desired)
+
+
 async def ensure(server: ServerConn, desired: DesiredDatabase) -> list[Step]:
     """Observe, plan and apply over the pooled admin connection and, when needed, one to the target
     database; returns the steps that were needed (empty when nothing drifted). Raises Forbidden, having
     changed nothing, when a role or database is not the operator's."""
-    async with _session(server, wait_close=False) as conns:
+    async with session(server, wait_close=False) as conns:
         with trace.span("pg.observe"):
-            observed = await _observe(conns, desired)
-        problem = takeover(observed, desired)
-        if problem:
-            raise Forbidden(problem)
-        with trace.span("pg.plan"):
-            steps = plan(observed, desired)
-        await _apply(conns, steps)
+            observed = await observe(conns, desired.role, desired.database)
+        steps = checked_plan(observed, desired)
+        await apply(conns, steps)
         return steps
 
 
-async def _apply(conns: _Connections, steps: list[Step]) -> None:
+async def apply(conns: _Connections, steps: list[Step]) -> None:
     """Run the steps in order, consecutive ones for the same database as one simple query (one round trip);
     CREATE DATABASE alone (it cannot run inside the implicit transaction of a multi-statement query). Once
     the database exists, the connection into it is opened while the admin connection works on."""
@@ -463,7 +474,7 @@ async def _apply(conns: _Connections, steps: list[Step]) -> None:
 
 
 async def active_connections(server: ServerConn, database: str) -> int:
-    async with _session(server) as conns:
+    async with session(server) as conns:
         return await conns.admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", database
         )
@@ -472,8 +483,8 @@ async def active_connections(server: ServerConn, database: str) -> int:
 async def drop(server: ServerConn, desired: DesiredDatabase) -> None:
     """Drop the database, then the role (REASSIGN/DROP OWNED elsewhere is left to a person); only what the
     operator created for this object (else Forbidden, nothing dropped)."""
-    async with _session(server) as conns:
-        problem = takeover(await _observe(conns, desired), desired)
+    async with session(server) as conns:
+        problem = takeover(await observe(conns, desired.role, desired.database), desired)
         if problem:
             raise Forbidden(problem)
         await conns.close()  # no connection of ours may stay in the database being dropped

@@ -4,6 +4,7 @@ Each test makes the objects it needs (names unique per test)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
 import httpx
@@ -202,3 +203,37 @@ async def test_deleted_or_edited_secret_is_repaired_within_5s(kube, env, make_db
     )
     assert fixed["password"] == "edited-pw"
     assert await connects(fixed["uri"])
+
+
+async def test_observe_reads_role_and_database_in_one_query_also_without_pg_authid(postgres):
+    """The observe query (role and database at once) on a superuser admin, and on an admin that may not read
+    pg_authid (CREATEDB, CREATEROLE: the pg_roles fallback, password unreadable)."""
+    from emporium_operator import postgres as pg
+
+    tag = uuid.uuid4().hex[:6]
+    postgres.psql(f"CREATE ROLE admin_{tag} LOGIN CREATEDB CREATEROLE PASSWORD 'admin-pw'")
+    postgres.psql(f"CREATE ROLE app_{tag} LOGIN PASSWORD 'app-pw'")
+    postgres.create_database(f"app_{tag}", owner=f"app_{tag}")
+    postgres.psql(f"COMMENT ON DATABASE app_{tag} IS 'a comment'")
+    superuser = pg.ServerConn(
+        postgres.host, postgres.port, postgres.superuser, postgres.password, sslmode="disable"
+    )
+    limited = pg.ServerConn(postgres.host, postgres.port, f"admin_{tag}", "admin-pw", sslmode="disable")
+    for server, readable in ((superuser, True), (limited, False)):
+        # A plain connection, not the operator's pools (the in-process operator of this module uses them).
+        conns = pg._Connections(await pg.connect(server), server)
+        try:
+            absent = await pg.observe(conns, f"nobody_{tag}", f"nothing_{tag}")
+            present = await pg.observe(conns, f"app_{tag}", f"app_{tag}")
+        finally:
+            await conns.close()
+            await conns.admin.close()
+        assert not absent.role_exists and not absent.database_exists
+        assert absent.password_readable is readable
+        assert present.role_exists and present.role_can_login and present.role_powers == []
+        if readable:
+            assert present.role_password.startswith("SCRAM-SHA-256$")
+        else:
+            assert present.role_password is None
+        assert present.database_exists and present.database_owner == f"app_{tag}"
+        assert present.database_comment == "a comment" and present.schema_owner is not None
