@@ -409,13 +409,13 @@ class ObservedTopology:
     definitions: dict[str, Any]
 
 
-async def observe_topology(api: RabbitAdmin, want: DesiredTopology) -> ObservedTopology:
+async def observe_topology(api: RabbitAdmin, vhost_name: str, user_name: str) -> ObservedTopology:
     """Four independent reads, sent at once (one round trip instead of four)."""
     vhost, user, perms, have = await asyncio.gather(
-        api.get_vhost(want.vhost),
-        api.get_user(want.user),
-        api.get_permissions(want.vhost, want.user),
-        api.get_definitions(want.vhost),
+        api.get_vhost(vhost_name),
+        api.get_user(user_name),
+        api.get_permissions(vhost_name, user_name),
+        api.get_definitions(vhost_name),
     )
     return ObservedTopology(vhost, user, perms, have or {})
 
@@ -434,10 +434,20 @@ async def ensure_topology(
     missing in one call (POST /api/definitions: user, permissions, exchanges, queues, bindings, policies),
     then prune what the previous spec had. Raises Forbidden (nothing changed) when the broker user is not
     the operator's."""
+    if observed is None:
+        observed = await observe_topology(api, want.vhost, want.user)
+    declare, res = plan_topology(want, observed, admin_user, known_password)
+    await apply_topology(api, want, observed, declare, res, previous, allow_queue_delete, shared_exchanges)
+    return res
+
+
+def plan_topology(
+    want: DesiredTopology, observed: ObservedTopology, admin_user: str = "", known_password: bool = False
+) -> tuple[dict[str, list], TopologyResult]:
+    """What to declare (the body of one POST /api/definitions) and what it repairs; Forbidden (nothing to
+    declare) when the broker user is not the operator's."""
     res = TopologyResult()
     vh = want.vhost
-    if observed is None:
-        observed = await observe_topology(api, want)
     user, perms, have = observed.user, observed.permissions, observed.definitions
     problem = user_takeover(user, want.user, want.tag, admin_user, want.password if known_password else None)
     if problem:
@@ -531,8 +541,28 @@ async def ensure_topology(
                 }
             )
             res.repairs.append("binding")
-    if any(declare.values()):
-        await api.post_global_definitions({k: v for k, v in declare.items() if v})
+    return {k: v for k, v in declare.items() if v}, res
+
+
+async def apply_topology(
+    api: RabbitAdmin,
+    want: DesiredTopology,
+    observed: ObservedTopology,
+    declare: dict[str, list],
+    res: TopologyResult,
+    previous: dict[str, list],
+    allow_queue_delete: bool,
+    shared_exchanges: frozenset[str] = frozenset(),
+) -> None:
+    """Declare (one call, when anything is missing), then prune what the previous spec had and this one
+    does not (rare: one listing per type); pruned queues kept are added to res.retained."""
+    vh = want.vhost
+    have = observed.definitions
+    queues = {x["name"]: x for x in have.get("queues") or []}
+    exchanges = {e["name"]: e for e in have.get("exchanges") or []}
+    policies = {p["name"]: p for p in have.get("policies") or []}
+    if declare:
+        await api.post_global_definitions(declare)
 
     # Pruning of what an earlier spec declared and this one does not (rare: one listing per type).
     want_bindings = {binding_key(b) for b in want.bindings}
@@ -559,7 +589,6 @@ async def ensure_topology(
     for name in previous.get("exchanges", []):
         if name not in want_exchanges and name in exchanges and name not in shared_exchanges:
             await api.delete_exchange(vh, name)
-    return res
 
 
 def applied_record(want: DesiredTopology) -> dict[str, list]:

@@ -16,6 +16,7 @@ from .common import (
     NotReady,
     Outcome,
     Refused,
+    background,
     blocked,
     claim,
     claim_winner,
@@ -92,6 +93,12 @@ def binding_data(user: str, password: str, server: dict[str, Any], vhost: str) -
     }
 
 
+def _broker_error(e: BaseException, server: dict[str, Any]) -> Exception:
+    if isinstance(e, rabbit.RabbitError) and e.status == 400:
+        return Refused("InvalidSpec", f"the broker rejected the topology: {e}")
+    return rabbit_server.error(e, server["spec"]["managementUrl"], rabbit_server.key_of(server))
+
+
 async def reconcile(body: dict[str, Any], out: Outcome) -> str:
     spec = dict(body["spec"])
     name = body["metadata"]["name"]
@@ -105,25 +112,31 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
         raise Refused("Conflict", problem)
     secret_name = spec.get("secretName") or f"{name}-amqp"
     server = await rabbit_server.server_for(body)
-    # The object's own Secret and the admin Secret (in the management API client), read at once.
-    with trace.span("secrets"):
-        current, (api, admin_user) = await asyncio.gather(
-            own_secret(body, secret_name), rabbit_server.api_for(server)
-        )
-    existing = secret_password(current)
-    now = dt.datetime.now(dt.UTC)
-    rotate, trigger = rotation_due(spec, status, now)
-    rotated = bool(existing and rotate)
-    password = generate_password() if rotated or not existing else existing
-    want = rabbit.desired_topology(spec, name, password, owner_tag(body))
-    for x in want.queues:
-        if x["type"] == "quorum" and not x["durable"]:
-            raise Refused("InvalidSpec", f"quorum queue {x['name']!r} must be durable")
-    with trace.span("rabbit.limit"):
-        await api.limit.acquire()
+    # The object's own Secret is read while the admin credentials are looked up and the broker is observed
+    # (reads only: a Secret not owned by this object is refused before anything is changed).
+    reading = background(own_secret(body, secret_name))
+    creating = None
     try:
+        with trace.span("admin-secret"):
+            api, admin_user = await rabbit_server.api_for(server)
+        with trace.span("rabbit.limit"):
+            await api.limit.acquire()
         try:
-            observed = await rabbit.observe_topology(api, want)  # four reads at once
+            try:
+                observed = await rabbit.observe_topology(api, spec["vhost"], user_name(body))  # 4 at once
+            except (rabbit.RabbitError, httpx.HTTPError, OSError) as e:
+                raise _broker_error(e, server) from e
+            with trace.span("secret.read"):
+                current = await reading
+            existing = secret_password(current)
+            now = dt.datetime.now(dt.UTC)
+            rotate, trigger = rotation_due(spec, status, now)
+            rotated = bool(existing and rotate)
+            password = generate_password() if rotated or not existing else existing
+            want = rabbit.desired_topology(spec, name, password, owner_tag(body))
+            for x in want.queues:
+                if x["type"] == "quorum" and not x["durable"]:
+                    raise Refused("InvalidSpec", f"quorum queue {x['name']!r} must be durable")
             have_vhost = observed.vhost
             if have_vhost is None:
                 raise NotReady(
@@ -138,26 +151,42 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
                     f"vhost {want.vhost!r} was not created by the operator (no RabbitVhost); "
                     "nothing was changed",
                 )
-            result = await rabbit.ensure_topology(
-                api,
-                want,
-                status.get("applied") or {},
-                spec.get("reclaimPolicy", "Retain") == "Delete",
-                shared_exchanges(body),
-                admin_user,
-                known_password=bool(existing) and not rotated,
-                observed=observed,
-            )
-        except rabbit.Forbidden as e:
-            raise Refused("Forbidden", f"{e}; nothing was changed") from e
-        except (rabbit.RabbitError, httpx.HTTPError, OSError) as e:
-            if isinstance(e, rabbit.RabbitError) and e.status == 400:
-                raise Refused("InvalidSpec", f"the broker rejected the topology: {e}") from e
-            raise rabbit_server.error(e, server["spec"]["managementUrl"], rabbit_server.key_of(server)) from e
+            try:
+                declare, result = rabbit.plan_topology(
+                    want, observed, admin_user, known_password=bool(existing) and not rotated
+                )
+            except rabbit.Forbidden as e:
+                raise Refused("Forbidden", f"{e}; nothing was changed") from e
+            data = binding_data(want.user, password, server, want.vhost)
+            annotations = {CREDENTIALS_HASH: credentials_hash(data)}
+            # A new Secret is written while the broker declares: nothing is refused any more, and should the
+            # declaration fail, the next reconcile uses the password in it. An existing one only after it: a
+            # rotated password reaches the broker first, then the Secret.
+            if current is None:
+                creating = background(write_secret(body, secret_name, data, None, annotations))
+            try:
+                await rabbit.apply_topology(
+                    api,
+                    want,
+                    observed,
+                    declare,
+                    result,
+                    status.get("applied") or {},
+                    spec.get("reclaimPolicy", "Retain") == "Delete",
+                    shared_exchanges(body),
+                )
+            except (rabbit.RabbitError, httpx.HTTPError, OSError) as e:
+                raise _broker_error(e, server) from e
+        finally:
+            api.limit.release()
     finally:
-        api.limit.release()
-    data = binding_data(want.user, password, server, want.vhost)
-    await write_secret(body, secret_name, data, current, {CREDENTIALS_HASH: credentials_hash(data)})
+        reading.cancel()
+        if creating is not None:  # never left half done, also when the declaration failed
+            await asyncio.wait([creating])
+    if creating is not None:
+        await creating
+    else:
+        await write_secret(body, secret_name, data, current, annotations)
     objects = [o for o in result.repairs if not (rotated and o == "password")]
     count_drift(KIND, body, objects, out)
     applied = rabbit.applied_record(want)
