@@ -3,9 +3,8 @@
 import json
 
 import pytest
-from emporium_common import Settings, create_app, testing
-from emporium_common.tracing import setup_tracing
-from fastapi import APIRouter, FastAPI
+from emporium_common import Settings, create_app, testing, tracing
+from fastapi import APIRouter
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
 router = APIRouter()
@@ -14,6 +13,20 @@ router = APIRouter()
 @router.get("/hello/{name}")
 async def hello(name: str) -> dict:
     return {"hello": name}
+
+
+def _console_spans(text: str) -> list[dict]:
+    """The spans ConsoleSpanExporter printed (indented JSON objects between the JSON log lines)."""
+    decoder, spans, index = json.JSONDecoder(), [], 0
+    while (index := text.find("{\n", index)) != -1:
+        try:
+            value, index = decoder.raw_decode(text, index)
+        except ValueError:
+            index += 1
+            continue
+        if isinstance(value, dict) and "context" in value:
+            spans.append(value)
+    return spans
 
 
 def _json_lines(text: str) -> list[dict]:
@@ -41,7 +54,8 @@ async def test_access_log_is_json_with_request_id(common_database_url, capsys):
 
 
 def test_tracing_is_off_by_default(common_database_url):
-    assert not setup_tracing(FastAPI(), Settings(database_url=common_database_url))
+    config = tracing.telemetry_config(Settings(database_url=common_database_url))
+    assert config["tracing"] is False and config["metrics"] is False and config["logs"] is False
 
 
 @pytest.fixture
@@ -63,6 +77,20 @@ async def test_console_tracing_adds_trace_ids_to_logs(
         traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         response = await client.get("/hello/ada", headers={"traceparent": traceparent})
         assert response.status_code == 200
-    lines = [e for e in _json_lines(capsys.readouterr().out) if e.get("logger") == "emporium.access"]
+        assert (await client.get("/healthz", headers={"traceparent": traceparent})).status_code == 200
+    assert tracing._provider is not None
+    tracing._provider.force_flush()
+    out = capsys.readouterr().out
+    lines = [e for e in _json_lines(out) if e.get("logger") == "emporium.access"]
     # The incoming trace is continued, so logs and spans join the caller's trace.
     assert lines and lines[0]["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    spans = [s for s in _console_spans(out) if s["resource"]["attributes"].get("service.name") == "tracedemo"]
+    # One server span per request, none for the probe: no spans for dependencies, endpoint, serialization.
+    assert [s["name"] for s in spans] == ["GET /hello/{name}"], spans
+    (span,) = spans
+    assert span["kind"] == "SpanKind.SERVER"
+    assert span["context"]["trace_id"] == "0x0af7651916cd43dd8448eb211c80319c"
+    assert span["parent_id"] == "0xb7ad6b7169203331"
+    assert span["context"]["span_id"] == "0x" + lines[0]["span_id"]
+    attributes = span["attributes"]
+    assert attributes["http.route"] == "/hello/{name}" and attributes["http.response.status_code"] == 200
