@@ -4,7 +4,7 @@ import json
 
 import pytest
 from emporium_common import Settings, create_app, testing, tracing
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
 router = APIRouter()
@@ -13,6 +13,11 @@ router = APIRouter()
 @router.get("/hello/{name}")
 async def hello(name: str) -> dict:
     return {"hello": name}
+
+
+@router.get("/boom")
+async def boom() -> dict:
+    raise RuntimeError("boom")
 
 
 def _console_spans(text: str) -> list[dict]:
@@ -54,8 +59,9 @@ async def test_access_log_is_json_with_request_id(common_database_url, capsys):
 
 
 def test_tracing_is_off_by_default(common_database_url):
-    config = tracing.telemetry_config(Settings(database_url=common_database_url))
-    assert config["tracing"] is False and config["metrics"] is False and config["logs"] is False
+    app = FastAPI()
+    assert not tracing.setup_tracing(app, Settings(database_url=common_database_url))
+    assert not app.user_middleware
 
 
 @pytest.fixture
@@ -78,6 +84,7 @@ async def test_console_tracing_adds_trace_ids_to_logs(
         response = await client.get("/hello/ada", headers={"traceparent": traceparent})
         assert response.status_code == 200
         assert (await client.get("/healthz", headers={"traceparent": traceparent})).status_code == 200
+        assert (await client.get("/boom")).status_code == 500
     assert tracing._provider is not None
     tracing._provider.force_flush()
     out = capsys.readouterr().out
@@ -86,11 +93,18 @@ async def test_console_tracing_adds_trace_ids_to_logs(
     assert lines and lines[0]["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
     spans = [s for s in _console_spans(out) if s["resource"]["attributes"].get("service.name") == "tracedemo"]
     # One server span per request, none for the probe: no spans for dependencies, endpoint, serialization.
-    assert [s["name"] for s in spans] == ["GET /hello/{name}"], spans
-    (span,) = spans
+    assert sorted(s["name"] for s in spans) == ["GET /boom", "GET /hello/{name}"], spans
+    span = next(s for s in spans if s["name"] == "GET /hello/{name}")
+    assert span["status"]["status_code"] == "UNSET"
     assert span["kind"] == "SpanKind.SERVER"
     assert span["context"]["trace_id"] == "0x0af7651916cd43dd8448eb211c80319c"
     assert span["parent_id"] == "0xb7ad6b7169203331"
     assert span["context"]["span_id"] == "0x" + lines[0]["span_id"]
     attributes = span["attributes"]
     assert attributes["http.route"] == "/hello/{name}" and attributes["http.response.status_code"] == 200
+    assert attributes["http.request.method"] == "GET" and attributes["url.path"] == "/hello/ada"
+    # A request without traceparent starts a trace; an unhandled error is the span's error status.
+    failed = next(s for s in spans if s["name"] == "GET /boom")
+    assert failed["parent_id"] is None and failed["context"]["trace_id"] != span["context"]["trace_id"]
+    assert failed["status"]["status_code"] == "ERROR"
+    assert failed["attributes"]["http.response.status_code"] == 500

@@ -21,7 +21,7 @@ from .health import ReadinessCheck, amqp_check, health_router
 from .logging import configure_logging
 from .metrics import MetricsMiddleware, metrics_router
 from .request_id import RequestIdMiddleware
-from .tracing import telemetry_config
+from .tracing import FASTAPI_TELEMETRY_OFF, setup_tracing
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -71,7 +71,7 @@ def create_app(
                 await engine.dispose()
 
     app = FastAPI(
-        telemetry=telemetry_config(settings),
+        telemetry=FASTAPI_TELEMETRY_OFF,
         title=title or settings.service_name,
         version=version,
         lifespan=_lifespan,
@@ -96,6 +96,7 @@ def create_app(
     # Added last = outermost: the request id exists before metrics/logging/error handling run.
     app.add_middleware(MetricsMiddleware, service=settings.service_name)
     app.add_middleware(RequestIdMiddleware)
+    setup_tracing(app, settings)  # last: its span is around everything else
 
     app.include_router(health_router)
     app.include_router(metrics_router)
