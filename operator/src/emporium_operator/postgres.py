@@ -169,13 +169,18 @@ def plan(observed: ObservedDatabase, desired: DesiredDatabase) -> list[Step]:
     # A verifier costs a PBKDF2 of 4096 rounds: made only when a role is created or its password reset.
     verifier = lambda: quote_literal(scram_verifier(desired.password))  # noqa: E731
     marker = quote_literal(desired.marker)
+    # A role's password costs the server a PBKDF2 too (it checks the verifier is not of an empty password).
+    # With a database to create, the role is made NOLOGIN and gets LOGIN and its password after CREATE
+    # DATABASE, in the admin batch that runs while the connection into the new database is being opened.
+    login_later = not observed.role_exists and not observed.database_exists
     if not observed.role_exists:
         # One statement: the role never exists without its ownership comment.
+        login = "NOLOGIN" if login_later else f"LOGIN PASSWORD {verifier()}"
         steps.append(
             Step(
                 "role",
-                f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
-                f"PASSWORD {verifier()}; COMMENT ON ROLE {role} IS {marker}",
+                f"CREATE ROLE {role} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {login}; "
+                f"COMMENT ON ROLE {role} IS {marker}",
             )
         )
     else:
@@ -193,6 +198,8 @@ def plan(observed: ObservedDatabase, desired: DesiredDatabase) -> list[Step]:
         steps.append(Step("owner", f"ALTER DATABASE {db} OWNER TO {role}"))
     if not observed.database_exists or _public_entry(observed.database_acl):
         steps.append(Step("privileges", f"REVOKE ALL ON DATABASE {db} FROM PUBLIC"))
+    if login_later:
+        steps.append(Step("role", f"ALTER ROLE {role} LOGIN PASSWORD {verifier()}"))
     if not observed.database_exists or observed.schema_owner != desired.role:
         steps.append(Step("schema", f"ALTER SCHEMA public OWNER TO {role}", desired.database))
     if not observed.database_exists or _public_entry(observed.schema_acl):

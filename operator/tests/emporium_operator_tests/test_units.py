@@ -38,18 +38,29 @@ def test_plan_fresh_database_creates_everything_in_order():
         "database",
         "ownership",
         "privileges",
+        "role",
         "schema",
         "schema",
         "extension",
     ]
-    assert steps[0].sql.startswith('CREATE ROLE "orders_owner" LOGIN NOSUPERUSER')
+    # NOLOGIN until its password is set (after CREATE DATABASE, while the new database is being connected to).
+    assert steps[0].sql.startswith('CREATE ROLE "orders_owner" NOSUPERUSER')
+    assert " NOLOGIN;" in steps[0].sql and "PASSWORD" not in steps[0].sql
     # The role is never without its ownership comment (one implicit transaction).
     assert steps[0].sql.endswith(f"; COMMENT ON ROLE \"orders_owner\" IS '{marker}'")
-    assert "not-in-base64" not in steps[0].sql  # only the SCRAM verifier travels ('-' is not base64)
     assert steps[1].sql == 'CREATE DATABASE "orders" OWNER "orders_owner"'
     assert steps[2].sql == f"COMMENT ON DATABASE \"orders\" IS '{marker}'"
-    assert steps[4].dbname == "orders" and steps[4].sql == 'ALTER SCHEMA public OWNER TO "orders_owner"'
-    assert steps[6].sql == 'CREATE EXTENSION IF NOT EXISTS "citext"'
+    assert steps[4].dbname is None and steps[4].sql.startswith('ALTER ROLE "orders_owner" LOGIN PASSWORD ')
+    assert "'SCRAM-SHA-256$4096:" in steps[4].sql
+    assert "not-in-base64" not in steps[4].sql  # only the SCRAM verifier travels ('-' is not base64)
+    assert steps[5].dbname == "orders" and steps[5].sql == 'ALTER SCHEMA public OWNER TO "orders_owner"'
+    assert steps[7].sql == 'CREATE EXTENSION IF NOT EXISTS "citext"'
+    # A role recreated for an existing database gets LOGIN and its password at once.
+    kept = postgres.ObservedDatabase(
+        database_exists=True, database_owner="orders_owner", database_comment=marker, schema_owner="x"
+    )
+    role_step = postgres.plan(kept, desired)[0]
+    assert role_step.obj == "role" and " LOGIN PASSWORD 'SCRAM-SHA-256$" in role_step.sql
 
 
 def test_takeover_rules():
