@@ -18,7 +18,7 @@ import kopf
 from . import events, metrics
 from .conditions import get_condition, now_iso, set_condition
 from .kube import KUBE
-from .secrets import MANAGED_LABEL, decode_data, parse_duration, secret_manifest
+from .secrets import MANAGED_LABEL, credentials_hash, decode_data, parse_duration, secret_manifest
 
 GROUP, VERSION = "emporium.dev", "v1alpha1"
 INTERVAL = float(os.environ.get("EMPORIUM_RECONCILE_INTERVAL", "300"))  # drift check period (seconds)
@@ -165,6 +165,59 @@ async def write_secret(
     written = await KUBE.apply(KUBE.secret_path(namespace, name), manifest)
     OWN_WRITES[(namespace, name)] = written["metadata"]["resourceVersion"]
     return True
+
+
+class CredentialsSecret:
+    """An object's connection Secret during one reconcile, so that a password is never lost. It is read
+    while the backend is observed (a Secret this object does not own is refused before anything changes). A
+    new Secret is written while the backend steps run: should one fail, the next reconcile uses the password
+    in it. An existing one only after them (`save`): a rotated password reaches the backend first, then the
+    Secret.
+
+        async with CredentialsSecret(body, name) as secret:
+            ...observe...
+            current = await secret.read()
+            ...plan, then secret.prepare(data), then apply the steps...
+        await secret.save()
+    """
+
+    def __init__(self, body: Any, name: str) -> None:
+        self.body, self.name = body, name
+        self.current: dict[str, Any] | None = None
+        self._data: dict[str, str] = {}
+        self._reading: asyncio.Future | None = None
+        self._creating: asyncio.Future | None = None
+
+    async def __aenter__(self) -> CredentialsSecret:
+        self._reading = background(own_secret(self.body, self.name))
+        return self
+
+    async def read(self) -> dict[str, Any] | None:
+        assert self._reading is not None, "read() inside `async with`"
+        self.current = await self._reading
+        return self.current
+
+    def prepare(self, data: dict[str, str]) -> None:
+        """The data the Secret must hold; a new Secret starts being written now."""
+        self._data = data
+        if self.current is None:
+            self._creating = background(write_secret(self.body, self.name, data, None, self._annotations()))
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._reading is not None
+        self._reading.cancel()
+        if self._creating is not None:  # never left half written, also when a step failed
+            await asyncio.wait([self._creating])
+
+    async def save(self) -> None:
+        """After the backend steps succeeded: the new Secret's write done, or the existing one updated."""
+        if self._creating is not None:
+            await self._creating
+        else:
+            await write_secret(self.body, self.name, self._data, self.current, self._annotations())
+
+    def _annotations(self) -> dict[str, str]:
+        return {CREDENTIALS_HASH: credentials_hash(self._data)}
 
 
 def secret_password(current: dict | None) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from typing import Any
 
@@ -11,25 +10,22 @@ import kopf
 
 from . import events, pg_server, postgres, trace
 from .common import (
-    CREDENTIALS_HASH,
+    CredentialsSecret,
     NotReady,
     Outcome,
     Refused,
-    background,
     blocked,
     claim,
     claim_winner,
     count_drift,
     force_delete,
-    own_secret,
     rotation_due,
     secret_password,
     server_key,
-    write_secret,
 )
 from .conditions import now_iso
 from .engine import ENGINE, locked_delete, reclaims
-from .secrets import credentials_hash, generate_password, jdbc_uri, parse_duration, pgpass, postgres_uri
+from .secrets import generate_password, jdbc_uri, parse_duration, pgpass, postgres_uri
 
 KIND, PLURAL = "PostgresDatabase", "postgresdatabases"
 
@@ -106,11 +102,9 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
         raise Refused("Conflict", problem)
     server = await pg_server.server_for(body)
     server_ref = (pg_server.PLURAL, server["metadata"]["namespace"], server["metadata"]["name"])
-    # The object's own Secret is read while the admin credentials are looked up and the server is observed
-    # (reads only: a Secret not owned by this object is refused before anything is changed).
-    reading = background(own_secret(body, secret_name))
-    creating = None
-    try:
+    # The object's own Secret is read while the admin credentials are looked up and the server is observed;
+    # a new one is written while the steps run, an existing one after them (CredentialsSecret).
+    async with CredentialsSecret(body, secret_name) as secret:
         with trace.span("admin-secret"):
             conn = await pg_server.connection(server)
         if postgres.reserved_role(owner, conn.user):
@@ -120,7 +114,7 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
                 with trace.span("pg.observe"):
                     observed = await postgres.observe(conns, owner, dbname)
                 with trace.span("secret.read"):
-                    current = await reading
+                    current = await secret.read()
                 existing = secret_password(current)
                 now = dt.datetime.now(dt.UTC)
                 rotate, trigger = rotation_due(spec, status, now)
@@ -138,13 +132,7 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
                     password_from_secret=bool(existing) and not rotated,
                 )
                 steps = postgres.checked_plan(observed, desired)
-                data = binding_data(owner, password, conn, dbname)
-                annotations = {CREDENTIALS_HASH: credentials_hash(data)}
-                # A new Secret is written while the steps run: nothing is refused any more, and should a
-                # step fail, the next reconcile uses the password in it. An existing one only after them:
-                # a rotated password reaches the server first, then the Secret.
-                if current is None:
-                    creating = background(write_secret(body, secret_name, data, None, annotations))
+                secret.prepare(binding_data(owner, password, conn, dbname))
                 await postgres.apply(conns, steps)
         except postgres.Forbidden as e:
             raise Refused("Forbidden", f"{e}; nothing was changed") from e
@@ -154,14 +142,7 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
             if isinstance(e, asyncpg.UndefinedFileError | asyncpg.FeatureNotSupportedError):
                 raise Refused("InvalidSpec", f"extension cannot be installed: {e}") from e
             raise pg_server.error(e, f"{conn.host}:{conn.port}", server_ref) from e
-    finally:
-        reading.cancel()
-        if creating is not None:  # never left half done, also when a step failed
-            await asyncio.wait([creating])
-    if creating is not None:
-        await creating
-    else:
-        await write_secret(body, secret_name, data, current, annotations)
+    await secret.save()
     objects = [s.obj for s in steps if not (rotated and s.obj == "password")]
     count_drift(KIND, body, objects, out)
     out.status.update(

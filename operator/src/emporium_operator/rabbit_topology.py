@@ -3,7 +3,6 @@ and the connection Secret."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from typing import Any
 
@@ -12,25 +11,22 @@ import kopf
 
 from . import events, rabbit, rabbit_server, rabbit_vhost, trace
 from .common import (
-    CREDENTIALS_HASH,
+    CredentialsSecret,
     NotReady,
     Outcome,
     Refused,
-    background,
     blocked,
     claim,
     claim_winner,
     count_drift,
     force_delete,
-    own_secret,
     rotation_due,
     secret_password,
     server_key,
-    write_secret,
 )
 from .conditions import now_iso
 from .engine import ENGINE, locked_delete, reclaims
-from .secrets import amqp_uri, credentials_hash, generate_password, parse_duration
+from .secrets import amqp_uri, generate_password, parse_duration
 
 KIND, PLURAL = "RabbitTopology", "rabbittopologies"
 
@@ -112,11 +108,9 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
         raise Refused("Conflict", problem)
     secret_name = spec.get("secretName") or f"{name}-amqp"
     server = await rabbit_server.server_for(body)
-    # The object's own Secret is read while the admin credentials are looked up and the broker is observed
-    # (reads only: a Secret not owned by this object is refused before anything is changed).
-    reading = background(own_secret(body, secret_name))
-    creating = None
-    try:
+    # The object's own Secret is read while the admin credentials are looked up and the broker is observed;
+    # a new one is written while the broker declares, an existing one after it (CredentialsSecret).
+    async with CredentialsSecret(body, secret_name) as secret:
         with trace.span("admin-secret"):
             api, admin_user = await rabbit_server.api_for(server)
         with trace.span("rabbit.limit"):
@@ -127,7 +121,7 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
             except (rabbit.RabbitError, httpx.HTTPError, OSError) as e:
                 raise _broker_error(e, server) from e
             with trace.span("secret.read"):
-                current = await reading
+                current = await secret.read()
             existing = secret_password(current)
             now = dt.datetime.now(dt.UTC)
             rotate, trigger = rotation_due(spec, status, now)
@@ -157,13 +151,7 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
                 )
             except rabbit.Forbidden as e:
                 raise Refused("Forbidden", f"{e}; nothing was changed") from e
-            data = binding_data(want.user, password, server, want.vhost)
-            annotations = {CREDENTIALS_HASH: credentials_hash(data)}
-            # A new Secret is written while the broker declares: nothing is refused any more, and should the
-            # declaration fail, the next reconcile uses the password in it. An existing one only after it: a
-            # rotated password reaches the broker first, then the Secret.
-            if current is None:
-                creating = background(write_secret(body, secret_name, data, None, annotations))
+            secret.prepare(binding_data(want.user, password, server, want.vhost))
             try:
                 await rabbit.apply_topology(
                     api,
@@ -179,14 +167,7 @@ async def reconcile(body: dict[str, Any], out: Outcome) -> str:
                 raise _broker_error(e, server) from e
         finally:
             api.limit.release()
-    finally:
-        reading.cancel()
-        if creating is not None:  # never left half done, also when the declaration failed
-            await asyncio.wait([creating])
-    if creating is not None:
-        await creating
-    else:
-        await write_secret(body, secret_name, data, current, annotations)
+    await secret.save()
     objects = [o for o in result.repairs if not (rotated and o == "password")]
     count_drift(KIND, body, objects, out)
     applied = rabbit.applied_record(want)
