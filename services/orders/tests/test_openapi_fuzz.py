@@ -13,8 +13,6 @@ from emporium_orders.config import OrdersSettings
 from emporium_orders.main import build_app
 from emporium_products.config import ProductsSettings
 from emporium_products.main import build_app as build_products
-from hypothesis import HealthCheck, Phase, settings
-from schemathesis.checks import not_a_server_error
 
 TOKEN = "fuzz-internal-token-0123456789"
 SERVICES = Path(__file__).resolve().parents[2]
@@ -50,14 +48,6 @@ def fuzz_target(postgres):
 
 
 @schema.parametrize()
-@settings(
-    max_examples=testing.FUZZ_EXAMPLES,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    phases=[Phase.explicit, Phase.generate],
-    derandomize=True,
-)
+@testing.fuzz_settings()
 def test_no_server_errors(case, fuzz_target):
-    base, headers = fuzz_target
-    response = case.call(base_url=base, headers=headers, timeout=15)
-    case.validate_response(response, checks=[not_a_server_error])
+    testing.call_without_server_error(case, *fuzz_target)

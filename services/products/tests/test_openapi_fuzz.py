@@ -10,8 +10,6 @@ from emporium_common import testing
 from emporium_common.migrations import upgrade_head
 from emporium_products.config import ProductsSettings
 from emporium_products.main import build_app
-from hypothesis import HealthCheck, Phase, settings
-from schemathesis.checks import not_a_server_error
 
 TOKEN = "fuzz-internal-token-0123456789"
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
@@ -33,14 +31,6 @@ def fuzz_target(postgres):
 
 
 @schema.parametrize()
-@settings(
-    max_examples=testing.FUZZ_EXAMPLES,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    phases=[Phase.explicit, Phase.generate],
-    derandomize=True,
-)
+@testing.fuzz_settings()
 def test_no_server_errors(case, fuzz_target):
-    base, headers = fuzz_target
-    response = case.call(base_url=base, headers=headers, timeout=15)
-    case.validate_response(response, checks=[not_a_server_error])
+    testing.call_without_server_error(case, *fuzz_target)

@@ -60,6 +60,28 @@ def fuzz_timeout(operations: int = 1, seconds_per_example: float = 1.0) -> int:
     return max(600, round(2 * operations * FUZZ_EXAMPLES * seconds_per_example))
 
 
+def fuzz_settings() -> Any:
+    """Hypothesis settings for a schemathesis test of a service's OpenAPI: ``FUZZ_EXAMPLES`` per operation,
+    no per-example deadline (a shared machine is slow at times), the same examples on every run."""
+    from hypothesis import HealthCheck, Phase, settings
+
+    return settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+        derandomize=True,
+    )
+
+
+def call_without_server_error(case: Any, base_url: str, headers: dict[str, str]) -> None:
+    """Send one generated request to a real server; any 5xx fails the test with the request to repeat it."""
+    from schemathesis.checks import not_a_server_error
+
+    response = case.call(base_url=base_url, headers=headers, timeout=15)
+    case.validate_response(response, checks=[not_a_server_error])
+
+
 def create_test_database(postgres: Any, prefix: str) -> str:
     """A fresh database on the test bed's Postgres (``postgres`` fixture); returns its postgresql:// URL."""
     return postgres.create_database(f"test_{prefix}_{uuid.uuid4().hex[:8]}")
