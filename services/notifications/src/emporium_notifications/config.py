@@ -13,6 +13,8 @@ class NotificationsSettings(Settings):
     smtp_password: str | None = None
     smtp_starttls: bool = False
     smtp_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # The SMTP connection is kept open between emails and closed after this long without one.
+    smtp_idle_seconds: float = Field(default=30.0, ge=0, le=300)
     # Events: the queue from charts/notifications/files/rabbit-topology.yaml; attempts before dead-lettering.
     events_queue: str = "notifications.events"
     event_max_attempts: int = Field(default=8, ge=1, le=50)

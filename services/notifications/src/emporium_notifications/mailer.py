@@ -3,6 +3,9 @@
 One email per transaction: the row is locked (SKIP LOCKED: replicas never send it twice), sent, marked and
 committed before the next one, so a crash re-sends at most the one email in flight, and that with the same
 ``Message-ID`` (derived from the event id) so that mail systems can recognise the duplicate.
+
+The SMTP connection is kept open between emails (connect, EHLO, STARTTLS and AUTH once, not per email) and
+closed after ``SMTP_IDLE_SECONDS`` without a send, on any error and when the mailer stops.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Mailer:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._traces: dict[uuid.UUID, otel_context.Context] = {}
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._smtp_used = 0.0
 
     def kick(self, event_id: uuid.UUID | None = None) -> None:
         """Wake the loop; with the id of the event just stored, its email's send span joins the trace
@@ -75,9 +80,31 @@ class Mailer:
         self._wake.set()
 
     async def send(self, message: EmailMessage) -> None:
+        """Send on the kept-open connection. A reused connection the server has meanwhile closed is replaced
+        once at once (nothing was accepted on it); any other failure closes it and raises."""
+        loop = asyncio.get_running_loop()
+        reused = self._smtp is not None and loop.time() - self._smtp_used < self.settings.smtp_idle_seconds
+        if not reused:
+            await self.close_smtp()
+        for attempt in (1, 2):
+            if self._smtp is None:
+                self._smtp = await self._connect()
+            try:
+                await self._smtp.send_message(message)
+            except aiosmtplib.SMTPServerDisconnected:
+                self._drop_smtp()
+                if attempt == 2 or not reused:
+                    raise
+                continue
+            except BaseException:
+                self._drop_smtp()
+                raise
+            self._smtp_used = loop.time()
+            return
+
+    async def _connect(self) -> aiosmtplib.SMTP:
         s = self.settings
-        await aiosmtplib.send(
-            message,
+        smtp = aiosmtplib.SMTP(
             hostname=s.smtp_host,
             port=s.smtp_port,
             username=s.smtp_username,
@@ -85,6 +112,24 @@ class Mailer:
             start_tls=s.smtp_starttls,
             timeout=s.smtp_timeout_seconds,
         )
+        await smtp.connect()
+        return smtp
+
+    def _drop_smtp(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+    async def close_smtp(self) -> None:
+        """QUIT and close the kept connection (idle, or the mailer stops)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                await asyncio.wait_for(smtp.quit(), timeout=2)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            smtp.close()
 
     def _retry_delay(self, attempts: int) -> timedelta:
         return timedelta(
@@ -156,25 +201,34 @@ class Mailer:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         last_prune = -3600.0
-        while not self._stop.is_set():
-            try:
-                if loop.time() - last_prune >= 3600:
-                    last_prune = loop.time()
-                    pruned = await prune_processed_events(
-                        self.engine, self.settings.processed_events_retention_seconds
-                    )
-                    if pruned:
-                        log.info("pruned %d processed event ids", pruned)
-                await self.deliver_due()
-                async with self.engine.connect() as conn:
-                    PENDING.set(
-                        (
-                            await conn.execute(sa.select(sa.func.count()).where(_T.c.status == "pending"))
-                        ).scalar()
-                        or 0
-                    )
-            except Exception as exc:
-                log.warning("mailer loop failed: %r", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-            self._wake.clear()
+        last_gauge = -5.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if loop.time() - last_prune >= 3600:
+                        last_prune = loop.time()
+                        pruned = await prune_processed_events(
+                            self.engine, self.settings.processed_events_retention_seconds
+                        )
+                        if pruned:
+                            log.info("pruned %d processed event ids", pruned)
+                    await self.deliver_due()
+                    if loop.time() - last_gauge >= 5:  # the gauge's count(*), not once per email
+                        last_gauge = loop.time()
+                        await self.refresh_gauge()
+                    idle = loop.time() - self._smtp_used
+                    if self._smtp is not None and idle >= self.settings.smtp_idle_seconds:
+                        await self.close_smtp()
+                except Exception as exc:
+                    log.warning("mailer loop failed: %r", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                self._wake.clear()
+        finally:
+            await self.close_smtp()
+
+    async def refresh_gauge(self) -> None:
+        async with self.engine.connect() as conn:
+            PENDING.set(
+                (await conn.execute(sa.select(sa.func.count()).where(_T.c.status == "pending"))).scalar() or 0
+            )
