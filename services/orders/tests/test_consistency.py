@@ -174,9 +174,13 @@ async def test_commit_with_an_unknown_outcome_never_releases(
     assert await stock_of(p["id"]) == 3  # ...so its stock stays reserved
 
 
-class FailingFlush(AsyncSession):
-    async def flush(self, objects=None) -> None:
-        raise OperationalError("INSERT", {}, ConnectionResetError("connection lost"))
+class FailingInsert(AsyncSession):
+    """The order's INSERT fails with a lost connection (other statements run)."""
+
+    async def execute(self, statement, *args, **kwargs):
+        if "INSERT INTO orders" in str(statement):
+            raise OperationalError("INSERT", {}, ConnectionResetError("connection lost"))
+        return await super().execute(statement, *args, **kwargs)
 
 
 async def test_a_failing_first_request_never_releases_what_its_retry_commits(
@@ -195,7 +199,7 @@ async def test_a_failing_first_request_never_releases_what_its_retry_commits(
                 retried.append(await client.post("/orders", json=body, headers=headers))
         return None
 
-    first_app = make_orders_app(Proxy(products_app, retry_meanwhile), FailingFlush)
+    first_app = make_orders_app(Proxy(products_app, retry_meanwhile), FailingInsert)
     async with testing.app_client(first_app) as client:
         first = await client.post("/orders", json=body, headers=headers)
     assert first.status_code == 503

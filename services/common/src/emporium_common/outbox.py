@@ -2,7 +2,8 @@
 
 - :class:`OutboxEvent` is the ``outbox`` table; every publishing service creates it in its own Alembic
   migrations with :func:`create_outbox_table` (and drops it with :func:`drop_outbox_table`).
-- :func:`add_event` adds an event to the caller's session: it commits or rolls back with the order/user.
+- :func:`add_event` adds an event to the caller's session: it commits or rolls back with the order/user
+  (:func:`event_row` gives its columns to a service that inserts them with a statement of its own).
 - :class:`OutboxRelay` publishes unsent rows in id order, ``mandatory`` and with publisher confirms, and
   only then marks rows sent. Rows are claimed with ``FOR UPDATE SKIP LOCKED`` so several replicas can run
   relays. A broker outage leaves rows unsent (delayed, never lost); a crash between the confirm and the
@@ -139,15 +140,18 @@ def add_event(
     envelope = build_envelope(
         type, data, version=version, correlation_id=correlation_id, traceparent=traceparent
     )
-    session.add(
-        OutboxEvent(
-            event_id=envelope.id,
-            type=envelope.type,
-            payload=envelope.model_dump(mode="json"),
-            created_at=envelope.occurred_at,
-        )
-    )
+    session.add(OutboxEvent(**event_row(envelope)))
     return envelope
+
+
+def event_row(envelope: Envelope) -> dict[str, Any]:
+    """The ``outbox`` columns of an event, for an INSERT of one's own in the business transaction."""
+    return {
+        "event_id": envelope.id,
+        "type": envelope.type,
+        "payload": envelope.model_dump(mode="json"),
+        "created_at": envelope.occurred_at,
+    }
 
 
 _TABLE = OutboxEvent.__table__  # type: ignore[attr-defined]

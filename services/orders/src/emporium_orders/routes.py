@@ -58,9 +58,9 @@ async def create_order(
         session, request.app.state.products, principal, body, idempotency_key
     )
     if replayed:
-        return model_response(OrderPublic.model_validate(order), 201, {"Idempotent-Replayed": "true"})
+        return model_response(order, 201, {"Idempotent-Replayed": "true"})
     _notify_relay(request)
-    return model_response(OrderPublic.model_validate(order), 201)
+    return model_response(order, 201)
 
 
 @router.get("", response_model=list[OrderPublic])

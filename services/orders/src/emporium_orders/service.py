@@ -7,24 +7,58 @@ import json
 import logging
 import uuid
 from decimal import Decimal
-from typing import Any
 
 import sqlalchemy as sa
 from emporium_common import AppError, Principal
 from emporium_common.domain import merge_lines
-from emporium_common.events import ORDER_CREATED, ORDER_STATUS_UPDATED
-from emporium_common.outbox import add_event
+from emporium_common.events import ORDER_CREATED, ORDER_STATUS_UPDATED, build_envelope
+from emporium_common.outbox import add_event, event_row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .models import Order, OrderCreate, OrderItem, OrderStatus, OrderStatusChange
+from .models import Order, OrderCreate, OrderItemPublic, OrderPublic, OrderStatus, OrderStatusChange
 from .products_client import ProductsClient
 from .state import can_transition, customer_may
 
 log = logging.getLogger("emporium.orders")
 RESERVATION_NAMESPACE = uuid.UUID("0d7c5d1e-64b4-4d0a-9a57-5d8f1a2b3c4d")
+
+
+# An order, its items, its first status-history row and its ``order.created`` outbox event in one statement
+# (one round trip, inside the session's transaction); the event's ``order_id`` is the new order's id. One
+# row per item comes back, with the order's id and timestamps.
+_PLACE_ORDER = sa.text("""
+WITH new_order AS (
+    INSERT INTO orders (
+        user_id, user_email, status, total_amount, reservation_id, idempotency_key, request_hash
+    )
+    VALUES (
+        :user_id, :user_email, 'pending', :total, :reservation_id, :idempotency_key, :request_hash
+    )
+    RETURNING id, created_at, updated_at
+), items AS (
+    INSERT INTO order_items (order_id, product_id, product_name, product_price, quantity, subtotal)
+    SELECT new_order.id, line.product_id, line.product_name, line.price, line.quantity, line.subtotal
+    FROM new_order, unnest(
+        CAST(:product_ids AS integer[]), CAST(:product_names AS varchar[]), CAST(:prices AS numeric[]),
+        CAST(:quantities AS integer[]), CAST(:subtotals AS numeric[])
+    ) AS line (product_id, product_name, price, quantity, subtotal)
+    RETURNING id, product_id, created_at
+), history AS (
+    INSERT INTO order_status_history (order_id, from_status, to_status, changed_by)
+    SELECT id, NULL, 'pending', CAST(:user_id AS varchar) FROM new_order
+), event AS (
+    INSERT INTO outbox (event_id, type, payload, created_at)
+    SELECT CAST(:event_id AS uuid), CAST(:event_type AS varchar),
+        jsonb_set(CAST(:payload AS jsonb), '{data,order_id}', to_jsonb(id)), CAST(:occurred_at AS timestamptz)
+    FROM new_order
+)
+SELECT new_order.id, new_order.created_at, new_order.updated_at,
+    items.id AS item_id, items.product_id, items.created_at AS item_created_at
+FROM new_order, items
+""")
 
 
 def request_hash(lines: dict[int, int]) -> str:
@@ -36,32 +70,12 @@ async def find_by_key(session: AsyncSession, user_id: str, key: str) -> Order | 
     return (await session.exec(query)).first()
 
 
-def _replay(order: Order, digest: str) -> Order:
+def _replay(order: Order, digest: str) -> OrderPublic:
     if order.request_hash != digest:
         raise AppError(
             422, "Idempotency-Key was already used with a different request", "idempotency_key_reused"
         )
-    return order
-
-
-def order_created_data(order: Order) -> dict[str, Any]:
-    return {
-        "order_id": order.id,
-        "user_id": order.user_id,
-        "user_email": order.user_email or "",
-        "status": order.status,
-        "total_amount": str(order.total_amount),
-        "items": [
-            {
-                "product_id": item.product_id,
-                "product_name": item.product_name,
-                "quantity": item.quantity,
-                "price": str(item.product_price),
-                "subtotal": str(item.subtotal),
-            }
-            for item in order.items
-        ],
-    }
+    return OrderPublic.model_validate(order)
 
 
 async def place_order(
@@ -70,7 +84,7 @@ async def place_order(
     principal: Principal,
     body: OrderCreate,
     idempotency_key: str | None,
-) -> tuple[Order, bool]:
+) -> tuple[OrderPublic, bool]:
     """Returns (order, replayed). Stock is reserved in one call to products; the order, its items and its
     ``order.created`` event commit in one transaction.
 
@@ -91,43 +105,48 @@ async def place_order(
         reservation_id = uuid.uuid4().hex
 
     reserved = await products.reserve(reservation_id, lines)
-
-    order = Order(
-        user_id=principal.sub,
-        user_email=principal.email,
-        status=OrderStatus.pending,
-        total_amount=Decimal(0),
-        reservation_id=reservation_id,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
+    total = sum((line["price"] * int(line["quantity"]) for line in reserved), Decimal(0))
+    envelope = build_envelope(
+        ORDER_CREATED,
+        {
+            "order_id": None,  # the new order's id, set by the INSERT (_PLACE_ORDER)
+            "user_id": principal.sub,
+            "user_email": principal.email or "",
+            "status": OrderStatus.pending.value,
+            "total_amount": str(total),
+            "items": [
+                {
+                    "product_id": int(line["product_id"]),
+                    "product_name": line["product_name"],
+                    "quantity": int(line["quantity"]),
+                    "price": str(line["price"]),
+                    "subtotal": str(line["price"] * int(line["quantity"])),
+                }
+                for line in reserved
+            ],
+        },
     )
-    total = Decimal(0)
-    items = []
-    for line in reserved:
-        price = Decimal(line["price"])
-        subtotal = price * int(line["quantity"])
-        total += subtotal
-        items.append(
-            OrderItem(
-                product_id=int(line["product_id"]),
-                product_name=line["product_name"],
-                product_price=price,
-                quantity=int(line["quantity"]),
-                subtotal=subtotal,
-            )
-        )
-    order.total_amount = total
-    order.items = items
-    session.add(order)
+    event = event_row(envelope)
+    items = envelope.data["items"]
+    params = {
+        "user_id": principal.sub,
+        "user_email": principal.email,
+        "total": total,
+        "reservation_id": reservation_id,
+        "idempotency_key": idempotency_key,
+        "request_hash": digest,
+        "product_ids": [item["product_id"] for item in items],
+        "product_names": [item["product_name"] for item in items],
+        "prices": [Decimal(item["price"]) for item in items],
+        "quantities": [item["quantity"] for item in items],
+        "subtotals": [Decimal(item["subtotal"]) for item in items],
+        "event_id": event["event_id"],
+        "event_type": event["type"],
+        "payload": json.dumps(event["payload"]),
+        "occurred_at": event["created_at"],
+    }
     try:
-        await session.flush()
-        session.add(
-            OrderStatusChange(
-                order_id=order.id, from_status=None, to_status="pending", changed_by=principal.sub
-            )
-        )
-        add_event(session, ORDER_CREATED, order_created_data(order))
-        await session.flush()  # every INSERT now: the COMMIT below is the only step left
+        rows = (await session.execute(_PLACE_ORDER, params)).all()
     except IntegrityError:
         await session.rollback()
         if idempotency_key:
@@ -152,8 +171,30 @@ async def place_order(
             reservation_id,
         )
         raise
-    # No reload: ids and server-side timestamps came back with the INSERTs (RETURNING, eager defaults).
-    return order, False
+    # No reload: ids and server-side timestamps came back with the INSERTs (RETURNING).
+    order_id, created_at, updated_at = rows[0].id, rows[0].created_at, rows[0].updated_at
+    stored = {row.product_id: row for row in rows}
+    return OrderPublic(
+        id=order_id,
+        user_id=principal.sub,
+        status=OrderStatus.pending,
+        total_amount=total,
+        created_at=created_at,
+        updated_at=updated_at,
+        items=[
+            OrderItemPublic(
+                id=stored[item["product_id"]].item_id,
+                order_id=order_id,
+                product_id=item["product_id"],
+                product_name=item["product_name"],
+                product_price=Decimal(item["price"]),
+                quantity=item["quantity"],
+                subtotal=Decimal(item["subtotal"]),
+                created_at=stored[item["product_id"]].item_created_at,
+            )
+            for item in sorted(items, key=lambda item: stored[item["product_id"]].item_id)
+        ],
+    ), False
 
 
 async def get_order_for(
