@@ -3,6 +3,7 @@ dependencies built, rendering helpers and the kubeconform schema folders."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 import subprocess
@@ -111,7 +112,21 @@ def skaffold_profiles() -> dict[str, list[dict]]:
     profiles = {"default": config["deploy"]["helm"]["releases"]}
     for profile in config.get("profiles", []):
         releases = (profile.get("deploy") or {}).get("helm", {}).get("releases")
-        profiles[profile["name"]] = releases or profiles["default"]
+        releases = copy.deepcopy(releases or profiles["default"])
+        # the profile's JSON patches of the releases ("add": a key, or "-" appends to a list)
+        for patch in profile.get("patches", []):
+            if not patch["path"].startswith("/deploy/helm/releases/"):
+                continue
+            assert patch.get("op", "replace") == "add", patch
+            *parents, last = patch["path"].removeprefix("/deploy/helm/releases/").split("/")
+            target = releases
+            for key in parents:
+                target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
+            if last == "-":
+                target.append(patch["value"])
+            else:
+                target[last] = patch["value"]
+        profiles[profile["name"]] = releases
     return profiles
 
 

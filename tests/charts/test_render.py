@@ -583,3 +583,43 @@ def test_storefront_wiring(render) -> None:
     kinds = {o["kind"] for o in objects if o["metadata"]["name"].startswith("storefront")}
     assert not kinds & {"PostgresDatabase", "RabbitTopology", "Job"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_dev_reload_only_in_the_dev_profile(render, helm: str, charts_dir: Path) -> None:
+    """skaffold dev's values (k8s/values/dev.yaml): every service runs from a writable copy of its packages that
+    skaffold syncs into, with uvicorn reloading; still non-root with a read-only root filesystem. Every other
+    profile's values leave reloading off, and production refuses it."""
+    profiles = skaffold_profiles()
+    for profile, releases in profiles.items():
+        (platform,) = [r for r in releases if r["name"] == "emporium"]
+        for obj in render("emporium", *helm_args_for(platform)):
+            if obj["kind"] not in ("Deployment", "Job"):
+                continue
+            spec = obj["spec"]["template"]["spec"]
+            where = f"{profile}: {obj['kind']}/{obj['metadata']['name']}"
+            names = [c["name"] for c in spec.get("initContainers", [])]
+            env = {e["name"]: e.get("value") for e in spec["containers"][0].get("env", [])}
+            mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0].get("volumeMounts", [])}
+            if profile != "dev" or obj["kind"] == "Job":  # the migration Jobs never reload
+                assert "dev-source" not in names and "RELOAD_DIR" not in env and "PYTHONPATH" not in env, where
+                continue
+            assert names == ["dev-source"], where
+            assert env["RELOAD_DIR"] == env["PYTHONPATH"] == "/app/dev", where
+            assert mounts["dev-source"] == "/app/dev", where
+            (init,) = spec["initContainers"]
+            assert init["image"] == spec["containers"][0]["image"], where
+            assert {m["mountPath"] for m in init["volumeMounts"]} == {"/app/dev"}, where
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            assert "emptyDir" in volumes["dev-source"], where
+            assert spec["securityContext"]["runAsNonRoot"] is True, where
+            for container in [init, *spec["containers"]]:
+                assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+    assert "dev" in profiles
+    dev_values = str(CHARTS.parent / "k8s" / "values" / "dev.yaml")
+    refused = subprocess.run(
+        [helm, "template", "emporium", str(charts_dir / "emporium"), "-f", dev_values]
+        + ["--set", "global.environment=production", *INLINE_JWKS_ARGS],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "devReload" in refused.stderr, refused.stderr[-2000:]

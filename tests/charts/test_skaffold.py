@@ -67,6 +67,18 @@ def test_skaffold_diagnose(skaffold: str, project: Path, profile: str) -> None:
     config = yaml.safe_load(skaffold_run(skaffold, project, *args))
     assert config["apiVersion"] == "skaffold/v4beta14"
     assert {a["image"] for a in config["build"]["artifacts"]} == {f"emporium-{n}" for n in IMAGES}
+    # skaffold dev (the dev profile) syncs each service's .py files and the shared library's into /app/dev
+    # (the chart's devReload); no other profile syncs, and the operator always rebuilds
+    for artifact in config["build"]["artifacts"]:
+        name = artifact["image"].removeprefix("emporium-")
+        if profile != "dev" or name == "operator":
+            assert "sync" not in artifact, artifact
+            continue
+        rules = {(r["src"], r["dest"], r["strip"]) for r in artifact["sync"]["manual"]}
+        assert rules == {
+            (f"services/{name}/src/**/*.py", "/app/dev", f"services/{name}/src/"),
+            ("services/common/src/**/*.py", "/app/dev", "services/common/src/"),
+        }
     releases = config["deploy"]["helm"]["releases"]
     assert [r["name"] for r in releases] == ["emporium-operator", "emporium"]
     for release in releases:
@@ -94,8 +106,9 @@ def test_skaffold_render(skaffold, project, kubeconform, schema_locations, profi
     pod_monitors = {o["metadata"]["name"] for o in objects if o["kind"] == "PodMonitor"}
     assert "emporium-operator" in pod_monitors, pod_monitors
     # traces from the gateway and the sidecars (Istio Telemetry) where the values enable them and Istio runs
-    # (no-mesh: no Envoy to configure, the services still export their spans; ha: tracing off)
-    assert ("Telemetry" in kinds) == (profile == "default"), kinds
+    # (no-mesh: no Envoy to configure, the services still export their spans; ha: tracing off; dev: the default
+    # values plus reloading)
+    assert ("Telemetry" in kinds) == (profile in ("default", "dev")), kinds
     images = {
         container["image"]
         for obj in objects

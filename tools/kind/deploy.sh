@@ -207,8 +207,11 @@ kc apply -f "$root/k8s/dev/servers.yaml" >/dev/null
 if [ "$mode" = dev ]; then
   [ ${#observability_images[@]} -eq 0 ] || log "monitoring and tracing: ${observability_images[*]}"
   observability_up
-  log "skaffold dev${profile:+ -p $profile} (builds the images, the operator chart, then the platform with its hooks)"
+  log "skaffold dev${profile:+ -p $profile} (builds the images, the operator chart, then the platform with its hooks; then a saved .py file of a service is synced into its pods and uvicorn reloads it, anything else rebuilds and redeploys)"
   rm -rf "$work"
+  # the dev profile (skaffold.yaml, active under skaffold dev) reloads synced source: not with the production
+  # settings of the ha profile
+  [ "$profile" != ha ] || args+=(-p -dev)
   exec skaffold dev "${args[@]}" --port-forward=user
 fi
 step skaffold-build-wait "waiting for skaffold build (log: $skaffold_log)"

@@ -1,5 +1,8 @@
 {{- define "emporium-lib.deployment" -}}
 {{- $mesh := include "emporium-lib.meshEnabled" . -}}
+{{- if and .Values.devReload (eq (include "emporium-lib.environment" .) "production") -}}
+{{- fail "devReload (uvicorn reloading synced source) is for development only, not environment production" -}}
+{{- end -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -51,6 +54,30 @@ spec:
       securityContext:
         {{- toYaml .Values.podSecurityContext | nindent 8 }}
       terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+      {{- if .Values.devReload }}
+      initContainers:
+        # development only (devReload, skaffold dev): the app's packages, as installed in the image, copied into
+        # the writable /app/dev that skaffold syncs saved .py files into
+        - name: dev-source
+          image: {{ include "emporium-lib.image" . | quote }}
+          imagePullPolicy: {{ .Values.image.pullPolicy }}
+          command:
+            - python
+            - -c
+            - |
+              import importlib.util, os, shutil
+              for name in ({{ .Values.module | quote }}, "emporium_common"):
+                  source = os.path.dirname(importlib.util.find_spec(name).origin)
+                  # with the image's bytecode: valid for every file until skaffold syncs a newer one
+                  shutil.copytree(source, f"/app/dev/{name}", dirs_exist_ok=True)
+          resources:
+            {{- toYaml .Values.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml .Values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: dev-source
+              mountPath: /app/dev
+      {{- end }}
       containers:
         - name: {{ include "emporium-lib.name" . }}
           image: {{ include "emporium-lib.image" . | quote }}
@@ -63,6 +90,13 @@ spec:
               protocol: TCP
           env:
             {{- include "emporium-lib.env" . | nindent 12 }}
+            {{- if .Values.devReload }}
+            # development only: the synced copy first, and uvicorn reloading when a .py file under it changes
+            - name: PYTHONPATH
+              value: /app/dev
+            - name: RELOAD_DIR
+              value: /app/dev
+            {{- end }}
           {{- with .Values.envFrom }}
           envFrom:
             {{- toYaml . | nindent 12 }}
@@ -100,6 +134,10 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- if .Values.devReload }}
+            - name: dev-source
+              mountPath: /app/dev
+            {{- end }}
             {{- with .Values.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -107,6 +145,11 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        {{- if .Values.devReload }}
+        - name: dev-source
+          emptyDir:
+            sizeLimit: 256Mi
+        {{- end }}
         {{- with .Values.extraVolumes }}
         {{- tpl (toYaml .) $ | nindent 8 }}
         {{- end }}

@@ -40,6 +40,7 @@ def test_reads_environment(monkeypatch):
         {"otel_traces_exporter": "otlp"},
         {"jwks_url": None},
         {"jwks_url": "file:///etc/jwks.json"},
+        {"reload_dir": "/app/dev"},
     ],
 )
 def test_production_refuses_weak_config(overrides):

@@ -70,6 +70,11 @@ def service_main(
         upgrade_head(alembic_ini_for(main_module_file), settings.database_url)
         return 0
     if args.command == "serve":
+        if settings.reload_dir:  # development only (production refuses RELOAD_DIR)
+            from .reload import serve_reloading
+
+            serve_reloading(app_factory, settings)
+            return 0
         from .app import serve
 
         serve(_load(app_factory)(settings), settings)

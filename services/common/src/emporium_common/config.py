@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     otel_traces_exporter: Literal["none", "console", "otlp"] = "none"
     otel_exporter_otlp_endpoint: str | None = None
+    # Development only (skaffold dev on kind, k8s/values/dev.yaml): `serve` runs uvicorn with reload,
+    # watching the .py files under this folder (where skaffold syncs saved files). Refused in production.
+    reload_dir: str | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -91,6 +94,8 @@ class Settings(BaseSettings):
         problems.extend(self.production_problems())
         if self.log_level == "DEBUG":
             problems.append("LOG_LEVEL=DEBUG logs request details in production")
+        if self.reload_dir:
+            problems.append("RELOAD_DIR (reloading on source changes) is for development only")
         if self.otel_traces_exporter == "otlp" and not self.otel_exporter_otlp_endpoint:
             problems.append("OTEL_TRACES_EXPORTER=otlp needs OTEL_EXPORTER_OTLP_ENDPOINT")
         if problems:
