@@ -623,3 +623,20 @@ def test_dev_reload_only_in_the_dev_profile(render, helm: str, charts_dir: Path)
         text=True,
     )
     assert refused.returncode != 0 and "devReload" in refused.stderr, refused.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("values", "percentage"),
+    [(None, 10), ("local.yaml", 100), ("kind.yaml", 100)],
+)
+def test_trace_sampling_defaults(render, values, percentage) -> None:
+    """Production samples 10 % of new traces at the gateway and in the mesh (tracing every request costs the
+    services about a fifth more CPU: services/bench/README.md); make up and kind trace every request, so a
+    test can fetch the trace of any request it makes."""
+    args = ["-f", str(CHARTS.parent / "k8s" / "values" / values)] if values else []
+    objects = render("emporium", *args, "--set", "tracing.enabled=true", "--set", "global.mesh.enabled=true")
+    telemetries = [o for o in objects if o["kind"] == "Telemetry"]
+    assert {o["metadata"]["name"] for o in telemetries} == {"emporium-gateway-tracing", "emporium-tracing"}
+    for telemetry in telemetries:
+        (rule,) = telemetry["spec"]["tracing"]
+        assert rule["randomSamplingPercentage"] == percentage, telemetry["metadata"]["name"]

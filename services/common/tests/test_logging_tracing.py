@@ -85,6 +85,9 @@ async def test_console_tracing_adds_trace_ids_to_logs(
         assert response.status_code == 200
         assert (await client.get("/healthz", headers={"traceparent": traceparent})).status_code == 200
         assert (await client.get("/boom")).status_code == 500
+        # The caller (the gateway, sampling a share of new traces) did not sample this one: no span
+        unsampled = "00-1bf7651916cd43dd8448eb211c80319c-c7ad6b7169203331-00"
+        assert (await client.get("/hello/bob", headers={"traceparent": unsampled})).status_code == 200
     assert tracing._provider is not None
     tracing._provider.force_flush()
     out = capsys.readouterr().out
@@ -92,7 +95,11 @@ async def test_console_tracing_adds_trace_ids_to_logs(
     # The incoming trace is continued, so logs and spans join the caller's trace.
     assert lines and lines[0]["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
     spans = [s for s in _console_spans(out) if s["resource"]["attributes"].get("service.name") == "tracedemo"]
-    # One server span per request, none for the probe: no spans for dependencies, endpoint, serialization.
+    # ... but its log lines still carry its trace id (to find its other services' lines)
+    (bob,) = [e for e in lines if e["path"] == "/hello/bob"]
+    assert bob["trace_id"] == "1bf7651916cd43dd8448eb211c80319c"
+    # One server span per request, none for the probe: no spans for dependencies, endpoint, serialization;
+    # none for the unsampled request.
     assert sorted(s["name"] for s in spans) == ["GET /boom", "GET /hello/{name}"], spans
     span = next(s for s in spans if s["name"] == "GET /hello/{name}")
     assert span["status"]["status_code"] == "UNSET"
