@@ -8,8 +8,9 @@ which instance goes first, so machine noise hits all alike. Loopback only; bound
 
 Prints requests/s of each and the overhead (the issue's budget: at most 10 %), the server CPU milliseconds
 per request of each and the overhead they imply (a CPU-bound server's throughput goes as their inverse; this
-figure barely moves with the machine's other load), and checks that the traced instance's spans did reach
-Jaeger.
+figure moves less with the machine's other load), and checks that the traced instance's spans did reach
+Jaeger. Last, what one span costs in this process, apart from any server: CPU microseconds per request of
+TracingMiddleware recording a span, and of the OTLP protobuf encoding the exporter does for it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,73 @@ async def measure(urls: dict[str, str], pids: dict[str, int], args) -> dict[str,
         requests = figures["requests"]
         figures["cpu_ms"] = figures["cpu_seconds"] * 1000 / requests if requests else 0.0
     return totals
+
+
+def span_costs(requests: int = 5000, rounds: int = 5) -> dict[str, float]:
+    """CPU microseconds per request (median of rounds, this process, export thread included) of
+    TracingMiddleware around an app that answers at once: a span not sampled, recording the span (a
+    BatchSpanProcessor whose exporter drops the batch), and encoding it as well (the OTLP/HTTP exporter's
+    encoding, without the POST)."""
+    from emporium_common.tracing import TracingMiddleware
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    class Drop(SpanExporter):
+        def __init__(self, encode: bool) -> None:
+            self.encode = encode
+
+        def export(self, spans) -> SpanExportResult:
+            if self.encode:
+                encode_spans(spans).SerializePartialToString()
+            return SpanExportResult.SUCCESS
+
+    class Route:
+        path = "/products"
+
+    async def answer(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"[]"})
+
+    async def receive() -> dict:
+        return {"type": "http.request"}
+
+    async def send(message) -> None:
+        pass
+
+    headers = [(b"host", b"127.0.0.1"), (b"user-agent", b"bench"), (b"accept", b"*/*")]
+    apps, providers = {"no span": answer}, []
+    for name, sampler, encode in (
+        ("span not sampled", ALWAYS_OFF, False),
+        ("span recorded", ALWAYS_ON, False),
+        ("recorded + encoded", ALWAYS_ON, True),
+    ):
+        provider = TracerProvider(sampler, Resource.create({SERVICE_NAME: "products-bench"}))
+        provider.add_span_processor(BatchSpanProcessor(Drop(encode)))
+        providers.append(provider)
+        apps[name] = TracingMiddleware(answer, provider.get_tracer(__name__))
+
+    async def run() -> dict[str, float]:
+        costs: dict[str, list[float]] = {name: [] for name in apps}
+        for _ in range(rounds):
+            for name, app in apps.items():
+                start = time.process_time()
+                for _ in range(requests):
+                    scope = {"type": "http", "method": "GET", "path": "/products", "headers": headers}
+                    scope["route"] = Route
+                    await app(scope, receive, send)
+                for provider in providers:
+                    provider.force_flush()
+                costs[name].append((time.process_time() - start) * 1e6 / requests)
+        return {name: sorted(values)[len(values) // 2] for name, values in costs.items()}
+
+    try:
+        return asyncio.run(run())
+    finally:
+        for provider in providers:
+            provider.shutdown()
 
 
 def main() -> None:
@@ -182,6 +250,11 @@ def main() -> None:
         cost = 1 - off["cpu_ms"] / totals[name]["cpu_ms"] if totals[name]["cpu_ms"] else float("nan")
         print(f"  tracing overhead by server CPU per request, {name}: {cost * 100:.1f} %")
     print(f"  spans of the traced instance in Jaeger: {'yes' if traced else 'NO'}")
+    costs = span_costs()
+    bare = costs.pop("no span")
+    print("  one span in this process, CPU microseconds per request beyond the app's:")
+    for name, cost in costs.items():
+        print(f"    {name:19} {cost - bare:6.1f}")
     if not traced or off["errors"] or on["errors"] or sampled["errors"]:
         sys.exit(1)
 
