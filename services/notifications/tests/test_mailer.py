@@ -121,3 +121,34 @@ async def test_processed_event_ids_are_pruned_after_the_retention(mailer_db):
         async with engine.connect() as conn:
             left = set((await conn.execute(sa.text("SELECT event_id FROM processed_events"))).scalars())
     assert new in left and old not in left
+
+
+async def test_one_smtp_connection_serves_many_emails_and_a_dropped_one_is_replaced(mailer_db, smtp_sink):
+    settings = NotificationsSettings(
+        database_url=mailer_db, smtp_host=smtp_sink.host, smtp_port=smtp_sink.port
+    )
+    tag = uuid.uuid4().hex[:6]
+    async with testing.engine_for(mailer_db) as engine:
+        async with engine.begin() as conn:  # other tests' leftovers are not due any more
+            await conn.execute(sa.text("UPDATE notifications SET status = 'failed' WHERE status = 'pending'"))
+        for i in range(3):
+            await insert_pending(engine, f"kept-{i}-{tag}@example.com")
+        mailer = Mailer(engine, settings)
+        opened = []
+        connect = mailer._connect
+
+        async def counting_connect():
+            opened.append(await connect())
+            return opened[-1]
+
+        mailer._connect = counting_connect  # type: ignore[method-assign]
+        assert await mailer.deliver_due() == 3
+        assert len(opened) == 1  # one connection (EHLO once) for the three emails
+
+        opened[0].close()  # the server (or something between) dropped the kept connection
+        nid = await insert_pending(engine, f"kept-3-{tag}@example.com")
+        assert await mailer.deliver_due() == 1
+        assert len(opened) == 2 and (await row(engine, nid)).attempts == 1  # replaced, not a failed attempt
+        await mailer.close_smtp()
+    mails = await asyncio.to_thread(smtp_sink.wait_for, 4, 10)
+    assert {f"kept-{i}-{tag}@example.com" for i in range(4)} <= {r for m in mails for r in m.rcpt_tos}
