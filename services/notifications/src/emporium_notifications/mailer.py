@@ -20,6 +20,7 @@ from email.utils import parseaddr
 
 import aiosmtplib
 import sqlalchemy as sa
+from emporium_common.events import tracing_active
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
@@ -131,6 +132,18 @@ class Mailer:
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             smtp.close()
 
+    def _send_span(self, row: sa.Row) -> contextlib.AbstractContextManager[object]:
+        """The email's send span, in the trace of the event that stored it (a no-op with tracing off)."""
+        trace_context = self._traces.pop(row.event_id, None)
+        if not tracing_active():
+            return contextlib.nullcontext()
+        return _TRACER.start_as_current_span(
+            "smtp send",
+            context=trace_context,
+            kind=trace.SpanKind.CLIENT,
+            attributes={"emporium.notification.id": row.id, "emporium.notification.type": row.type},
+        )
+
     def _retry_delay(self, attempts: int) -> timedelta:
         return timedelta(
             seconds=min(3600.0, self.settings.mail_retry_base_seconds * 2 ** max(0, attempts - 1))
@@ -167,12 +180,7 @@ class Mailer:
                 return None
             attempts = row.attempts + 1
             try:
-                with _TRACER.start_as_current_span(
-                    "smtp send",
-                    context=self._traces.pop(row.event_id, None),
-                    kind=trace.SpanKind.CLIENT,
-                    attributes={"emporium.notification.id": row.id, "emporium.notification.type": row.type},
-                ):
+                with self._send_span(row):
                     await self.send(build_message(self.settings, row))
                     log.info("email sent", extra={"notification_id": row.id, "event_id": str(row.event_id)})
             except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
