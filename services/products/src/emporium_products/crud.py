@@ -222,12 +222,22 @@ async def reserve_stock(
                 "price": str(product.price),
             }
         )
-    # One statement for every line (the rows are locked above, so the checks cannot fail here).
-    result = await session.execute(_CHANGE_STOCK, {"b_ids": ids, "b_deltas": [-merged[pid] for pid in ids]})
-    if result.rowcount != len(ids):  # pragma: no cover - impossible under the row lock; defence in depth
+    # One statement for every line and the reservation's own row (the rows are locked above, so the checks
+    # cannot fail here).
+    changed = (
+        await session.execute(
+            _RESERVE_LINES,
+            {
+                "b_ids": ids,
+                "b_deltas": [-merged[pid] for pid in ids],
+                "b_id": reservation_id,
+                "b_lines": reserved,
+            },
+        )
+    ).scalar_one()
+    if changed != len(ids):  # pragma: no cover - impossible under the row lock; defence in depth
         await session.rollback()
         raise AppError(409, "Insufficient stock, retry", "insufficient_stock")
-    await session.execute(_MARK_RESERVED, {"b_id": reservation_id, "b_lines": reserved})
     await session.commit()
     # What was just committed; no reload round trip (the response needs only these fields).
     return StockReservation(id=reservation_id, status="reserved", lines=reserved), not reactivate
@@ -280,16 +290,19 @@ _CHANGE_STOCK = sa.text(
     " FROM unnest(CAST(:b_ids AS integer[]), CAST(:b_deltas AS integer[])) AS d(id, delta)"
     " WHERE products.id = d.id AND products.stock_quantity + d.delta >= 0"
 )
-_MARK_RESERVED = (
-    sa.update(_RESERVATIONS)
-    .where(_RESERVATIONS.c.id == sa.bindparam("b_id"))
-    .values(
-        lines=sa.bindparam("b_lines", type_=JSONB),
-        status="reserved",
-        reserved_at=sa.func.now(),
-        released_at=None,
-    )
-)
+# _CHANGE_STOCK's decrements and the reservation marked reserved with its lines, in one round trip; returns
+# how many products changed.
+_RESERVE_LINES = sa.text(
+    "WITH stock AS ("
+    " UPDATE products SET stock_quantity = products.stock_quantity + d.delta,"
+    " version = products.version + 1, updated_at = now()"
+    " FROM unnest(CAST(:b_ids AS integer[]), CAST(:b_deltas AS integer[])) AS d(id, delta)"
+    " WHERE products.id = d.id AND products.stock_quantity + d.delta >= 0"
+    " RETURNING products.id)"
+    " UPDATE stock_reservations SET lines = :b_lines, status = 'reserved', reserved_at = now(),"
+    " released_at = NULL WHERE id = :b_id"
+    " RETURNING (SELECT count(*) FROM stock)"
+).bindparams(sa.bindparam("b_lines", type_=JSONB))
 
 
 def reservation_public(reservation: StockReservation) -> dict[str, Any]:
