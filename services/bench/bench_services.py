@@ -140,7 +140,12 @@ async def benchmark(
                 "sku": f"BENCH-{uuid.uuid4().hex[:12]}",
                 "category": f"cat-{i % 10}",
             }
-            response = await client.post(f"{products_url}/products", json=body, headers=admin)
+            for _ in range(5):  # a 503 says "retry after": a loaded machine can be slow to answer at first
+                response = await client.post(f"{products_url}/products", json=body, headers=admin)
+                if response.status_code != 503:
+                    break
+                print(f"seeding: 503 {response.text[:200]}, retrying", file=sys.stderr)
+                await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
             response.raise_for_status()
             product_ids.append(response.json()["id"])
 
