@@ -199,3 +199,21 @@ def test_deploy_installs_monitoring_and_tracing_as_the_profiles_values_say(
     result = sh(script + 'echo "$(value global.monitoring.enabled) $(value tracing.enabled)"')
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [monitoring, tracing]
+
+
+@pytest.mark.parametrize(
+    ("flags", "observability"),
+    [
+        ("", ["prometheus", "prometheus-operator", "prometheus-config-reloader", "otelcol", "jaeger"]),
+        ("--ha", ["prometheus", "prometheus-operator", "prometheus-config-reloader"]),
+    ],
+)
+def test_deploy_lists_the_add_on_images_to_preload(flags: str, observability: list[str]) -> None:
+    """deploy.sh --list-images: the add-on images the profile runs (what preload-image.sh puts into the node
+    image, the union over the profiles), needing no cluster and no tools beyond python3."""
+    result = sh(f"bash {KIND}/deploy.sh --list-images {flags}")
+    assert result.returncode == 0, result.stderr
+    names = result.stdout.split()
+    assert names == ["istio-pilot", "istio-proxy", "postgres", "rabbitmq", "mailpit", *observability]
+    listed = sh(f"bash {ROOT}/tools/images/build.sh --list {' '.join(names)}")
+    assert listed.returncode == 0 and len(listed.stdout.split()) == len(names), listed.stderr

@@ -2,9 +2,12 @@
 # The kind cluster "emporium": `make kind-up`, `make kind-dev`, `make kind-down`.
 #
 #   cluster.sh up [--ha] [--no-deploy]   Docker (installed/started when missing, as root), kind and the node image
-#                                        (tools/kind/node-image.sh), the cluster from kind-config.yaml (--ha:
-#                                        kind-config-ha.yaml, 3 nodes, plus metrics-server), then the deploy step
-#                                        (tools/kind/deploy.sh: add-ons, images, skaffold run) unless --no-deploy.
+#                                        (tools/kind/node-image.sh; for a new cluster tools/kind/preload-image.sh
+#                                        adds the add-on images, EMPORIUM_PRELOAD=0 skips that), the cluster from
+#                                        kind-config.yaml (--ha: kind-config-ha.yaml, 3 nodes, plus metrics-server),
+#                                        then the deploy step (tools/kind/deploy.sh: add-ons, images, skaffold run,
+#                                        while CoreDNS and local-path-provisioner finish starting) unless
+#                                        --no-deploy.
 #   cluster.sh dev [--ha]                The same, then `skaffold dev` (deploy.sh --dev).
 #   cluster.sh down                      Deletes the cluster and everything `up` made outside it (deploy.sh --down).
 #   cluster.sh docker                    Only makes sure a Docker engine answers (installs/starts it as root); exit 1
@@ -87,6 +90,13 @@ up() {
   node_image=$(bash "$here/node-image.sh" | tail -n 1)
   kind_env
   command -v kubectl >/dev/null || toolchain_bin kubectl >/dev/null
+  # a new cluster starts from the node image with the add-on images preloaded (deploy.sh then loads only ours)
+  if ! cluster_exists && [ "${EMPORIUM_PRELOAD:-1}" != 0 ]; then
+    local t=$SECONDS
+    node_image=$(bash "$here/preload-image.sh" "$node_image" | tail -n 1)
+    export EMPORIUM_ADDON_IMAGES_READY=1
+    printf '%s\tcluster/preload-image\trun\t%s\t%s\n' "$(date -Is)" "$((SECONDS - t))" "$node_image" >>"$EMPORIUM_TIMINGS"
+  fi
   case ":$PATH:" in *":$KIND_SHIM_DIR:"*) log "docker --privileged fails here: kind runs through $KIND_SHIM_DIR" ;; esac
   if cluster_exists; then
     log "cluster $KIND_CLUSTER exists: reusing it (\`make kind-down\` deletes it)"
@@ -116,14 +126,23 @@ then \`kind export logs --name $KIND_CLUSTER\` and \`make kind-down\`."
       >/dev/null 2>&1 || true
     kubectl --context "$KIND_CONTEXT" apply -f "$here/manifests/metrics-server.yaml" >/dev/null
   fi
-  wait_ready
-  log "cluster $KIND_CLUSTER ready in $((SECONDS - start)) s (context $KIND_CONTEXT)"
   if [ "$deploy" = 1 ] && [ -f "$here/deploy.sh" ]; then
     toolchain_bin helm skaffold >/dev/null
-    local args=()
+    local args=() ready_pid rc=0
     [ "$dev" = 1 ] && args+=(--dev)
     [ "$ha" = 1 ] && args+=(--ha)
-    bash "$here/deploy.sh" "${args[@]}"
+    # the node is Ready (kind create --wait); CoreDNS and local-path-provisioner finish starting while the deploy
+    # step checks its images and installs Istio (nothing there needs them before the data services are waited for)
+    wait_ready &
+    ready_pid=$!
+    # (skaffold dev runs until interrupted: it starts once they are)
+    [ "$dev" = 0 ] || wait "$ready_pid" || die "the cluster's own pods did not become ready (kubectl --context $KIND_CONTEXT get pods -A)"
+    bash "$here/deploy.sh" "${args[@]}" || rc=$?
+    [ "$dev" = 1 ] || wait "$ready_pid" || die "the cluster's own pods did not become ready (kubectl --context $KIND_CONTEXT get pods -A)"
+    [ $rc = 0 ] || exit $rc
+  else
+    wait_ready
+    log "cluster $KIND_CLUSTER ready in $((SECONDS - start)) s (context $KIND_CONTEXT)"
   fi
   log "done in $((SECONDS - start)) s. Ingress: http://127.0.0.1:8080 (kubectl --context $KIND_CONTEXT ...)"
 }

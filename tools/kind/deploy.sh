@@ -11,11 +11,15 @@
 #     (the CRDs here; their images are loaded and they are started in the background during skaffold deploy,
 #     and waited for at the end: nothing of ours waits for them)
 #  4. what `skaffold run` does, in three steps: `skaffold build` (the five images and the operator's, from their
-#     Dockerfiles; started in the background at the beginning), one `kind load` of all of them, then
+#     Dockerfiles) and one `kind load` of all of them as soon as it ends (both in the background, from the
+#     beginning: the add-ons install meanwhile), then
 #     `skaffold deploy`: the operator chart and the umbrella chart with hooks (the migration Jobs run), waiting
 #     until everything is ready; then the sample catalog through the ingress.
 #
 #   tools/kind/deploy.sh [--dev] [--ha | -p PROFILE]     (idempotent: re-running upgrades in place)
+#   tools/kind/deploy.sh --list-images [--ha | -p PROFILE]  prints the add-on images the profile runs (names for
+#                                                         tools/images/build.sh; tools/kind/preload-image.sh
+#                                                         preloads them into the node image)
 #
 # Needs kind (with the docker shim when this machine needs it), kubectl, helm, skaffold, go on PATH; the
 # context kind-$KIND_CLUSTER (default emporium).
@@ -30,6 +34,7 @@ profile=${SKAFFOLD_PROFILE:-}
 while [ $# -gt 0 ]; do
   case $1 in
     --dev) mode=dev ;;
+    --list-images) mode=list ;;
     --ha) profile=ha ;;
     # before the cluster is deleted: nothing outside the cluster to clean (skaffold's ~/.skaffold/cache is a
     # build cache, kept like the images)
@@ -39,41 +44,6 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-
-t0=$SECONDS
-log() { printf '\n==> [%3ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
-# step NAME MESSAGE: logs MESSAGE and times the previous step into ~/.cache/emporium/timings.tsv as deploy/<name>
-# (tools/kind/timings.sh prints them)
-timings=${EMPORIUM_CACHE:-$HOME/.cache/emporium}/timings.tsv
-step_name= step_t=$SECONDS
-step() {
-  [ -z "$step_name" ] || printf '%s\tdeploy/%s\trun\t%s\t%s\n' "$(date -Is)" "$step_name" "$((SECONDS - step_t))" \
-    "${profile:-default}" >>"$timings"
-  step_name=$1 step_t=$SECONDS
-  [ -z "${2:-}" ] || log "$2"
-}
-die() { printf 'deploy: %s\n' "$*" >&2; exit 1; }
-for tool in docker kind kubectl helm skaffold go; do
-  command -v "$tool" >/dev/null || die "$tool is not on PATH (make kind-up sets PATH up)"
-done
-kind get clusters 2>/dev/null | grep -qx "$cluster" || die "no kind cluster $cluster (make kind-up creates it)"
-kc() { kubectl --context "$context" "$@"; }
-# kubectl wait fails at once ("accessor error") on a CRD the API server has not given a status yet: ask again
-established() {
-  local deadline=$((SECONDS + 90))
-  until kc wait --for=condition=Established "$@" --timeout=10s >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      kc wait --for=condition=Established "$@" --timeout=5s
-      return 1
-    fi
-    sleep 1
-  done
-}
-hi() { helm --kube-context "$context" upgrade --install --wait --timeout 10m "$@"; }
-
-ISTIO_VERSION=$(sed -n 's/^ISTIO_VERSION=//p' "$root/tools/toolchain/versions.env")
-istio_charts=$(cd "$root/tools/toolchain/istio" && GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download istio.io/istio &&
-  GOTOOLCHAIN=local GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' istio.io/istio)/manifests/charts
 
 # value KEY: "true" when the emporium release of this profile (skaffold.yaml: its values files over the chart's
 # defaults) sets KEY (dotted) true
@@ -115,9 +85,54 @@ cluster_images=(istio-pilot istio-proxy postgres rabbitmq mailpit)
 observability_images=()
 [ "$monitoring" = true ] && observability_images+=(prometheus prometheus-operator prometheus-config-reloader)
 [ "$tracing" = true ] && observability_images+=(otelcol jaeger)
+if [ "$mode" = list ]; then
+  printf '%s\n' "${cluster_images[@]}" "${observability_images[@]}"
+  exit 0
+fi
+
+t0=$SECONDS
+log() { printf '\n==> [%3ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+# step NAME MESSAGE: logs MESSAGE and times the previous step into ~/.cache/emporium/timings.tsv as deploy/<name>
+# (tools/kind/timings.sh prints them)
+timings=${EMPORIUM_CACHE:-$HOME/.cache/emporium}/timings.tsv
+step_name= step_t=$SECONDS
+step() {
+  [ -z "$step_name" ] || printf '%s\tdeploy/%s\trun\t%s\t%s\n' "$(date -Is)" "$step_name" "$((SECONDS - step_t))" \
+    "${profile:-default}" >>"$timings"
+  step_name=$1 step_t=$SECONDS
+  [ -z "${2:-}" ] || log "$2"
+}
+die() { printf 'deploy: %s\n' "$*" >&2; exit 1; }
+for tool in docker kind kubectl helm skaffold go; do
+  command -v "$tool" >/dev/null || die "$tool is not on PATH (make kind-up sets PATH up)"
+done
+kind get clusters 2>/dev/null | grep -qx "$cluster" || die "no kind cluster $cluster (make kind-up creates it)"
+kc() { kubectl --context "$context" "$@"; }
+# kubectl wait fails at once ("accessor error") on a CRD the API server has not given a status yet: ask again
+established() {
+  local deadline=$((SECONDS + 90))
+  until kc wait --for=condition=Established "$@" --timeout=10s >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      kc wait --for=condition=Established "$@" --timeout=5s
+      return 1
+    fi
+    sleep 1
+  done
+}
+hi() { helm --kube-context "$context" upgrade --install --wait --timeout 10m "$@"; }
+
+ISTIO_VERSION=$(sed -n 's/^ISTIO_VERSION=//p' "$root/tools/toolchain/versions.env")
+istio_charts=$(cd "$root/tools/toolchain/istio" && GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download istio.io/istio &&
+  GOTOOLCHAIN=local GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' istio.io/istio)/manifests/charts
 
 step add-on-images "add-on images (tools/images/build.sh; logs in ~/.cache/emporium/images/logs)"
-bash "$root/tools/images/build.sh" python uv dockerfile-frontend "${cluster_images[@]}" "${observability_images[@]}"
+# EMPORIUM_ADDON_IMAGES_READY=1: cluster.sh has just made sure of the add-on images (preload-image.sh); only the
+# build images are checked here
+if [ "${EMPORIUM_ADDON_IMAGES_READY:-0}" = 1 ]; then
+  bash "$root/tools/images/build.sh" python uv dockerfile-frontend
+else
+  bash "$root/tools/images/build.sh" python uv dockerfile-frontend "${cluster_images[@]}" "${observability_images[@]}"
+fi
 
 cd "$root"
 args=(--kube-context "$context" ${profile:+-p "$profile"})
@@ -127,18 +142,27 @@ trap 'rm -rf "$work"; for p in $build_pid $observability_pid; do { pkill -P "$p"
 skaffold_log=${EMPORIUM_CACHE:-$HOME/.cache/emporium}/kind/logs/skaffold-build.log
 if [ "$mode" = run ]; then
   # our five images and the operator's, built (or found in skaffold's cache) while the add-ons install
-  log "skaffold build in the background (log: $skaffold_log)"
+  log "skaffold build, then one kind load of the images, in the background (log: $skaffold_log)"
   (
     started=$SECONDS
-    skaffold build "${args[@]}" --file-output "$work/build.json" >"$skaffold_log" 2>&1
+    skaffold build "${args[@]}" --file-output "$work/build.json" >"$skaffold_log" 2>&1 || exit 1
     printf '%s\tdeploy/skaffold-build\trun\t%s\t%s\n' "$(date -Is)" "$((SECONDS - started))" "${profile:-default}" \
+      >>"$timings"
+    # loaded at once, while Istio and the data services install: one archive, the shared Python layers once
+    started=$SECONDS
+    mapfile -t built < <(python3 -c 'import json, sys; print("\n".join(b["tag"] for b in json.load(open(sys.argv[1]))["builds"]))' \
+      "$work/build.json")
+    echo "==> kind load docker-image ${built[*]}" >>"$skaffold_log"
+    kind load docker-image --name "$cluster" "${built[@]}" >>"$skaffold_log" 2>&1 || exit 2
+    printf '%s\tdeploy/load-images\trun\t%s\t%s\n' "$(date -Is)" "$((SECONDS - started))" "${profile:-default}" \
       >>"$timings"
   ) &
   build_pid=$!
 fi
 
-# one `kind load` for all of them: one archive, their shared Debian layers once (a node that already has an
-# image, e.g. a reused cluster, skips it)
+# one `kind load` for all of them: one archive, their shared Debian layers once. A node that already has an image
+# skips it: a node made from the preloaded node image (tools/kind/preload-image.sh, what cluster.sh creates) has
+# them all, a reused cluster has them from its first run.
 step load-add-on-images "loading the add-on images into kind"
 mapfile -t addons < <(bash "$root/tools/images/build.sh" --list "${cluster_images[@]}")
 kind load docker-image --name "$cluster" "${addons[@]}" >/dev/null
@@ -214,16 +238,15 @@ if [ "$mode" = dev ]; then
   [ "$profile" != ha ] || args+=(-p -dev)
   exec skaffold dev "${args[@]}" --port-forward=user
 fi
-step skaffold-build-wait "waiting for skaffold build (log: $skaffold_log)"
-wait "$build_pid" || {
-  tail -n 30 "$skaffold_log" >&2
-  die "skaffold build failed (the image and step are above; full log: $skaffold_log)"
-}
+step images-wait "waiting for skaffold build and the kind load of our images (log: $skaffold_log)"
+rc=0
+wait "$build_pid" || rc=$?
 build_pid=
-mapfile -t built < <(python3 -c 'import json, sys; print("\n".join(b["tag"] for b in json.load(open(sys.argv[1]))["builds"]))' \
-  "$work/build.json")
-step load-images "loading our ${#built[@]} images into kind (one archive: the shared Python layers once)"
-kind load docker-image --name "$cluster" "${built[@]}" >/dev/null
+if [ $rc != 0 ]; then
+  tail -n 30 "$skaffold_log" >&2
+  [ $rc = 2 ] && die "kind load of our images failed (full log: $skaffold_log)"
+  die "skaffold build failed (the image and step are above; full log: $skaffold_log)"
+fi
 if [ ${#observability_images[@]} -gt 0 ]; then
   log "monitoring and tracing in the background: ${observability_images[*]} loaded into kind, then started"
   observability_up >"$work/observability.log" 2>&1 &
