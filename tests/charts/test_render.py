@@ -631,7 +631,7 @@ def test_dev_reload_only_in_the_dev_profile(render, helm: str, charts_dir: Path)
 )
 def test_trace_sampling_defaults(render, values, percentage) -> None:
     """Production samples 10 % of new traces at the gateway and in the mesh (tracing every request costs the
-    services a third more CPU, 10 % less: services/bench/README.md); make up and kind trace every request, so a
+    services a third more CPU, 10 % about 3 %: services/bench/README.md); make up and kind trace every request, so a
     test can fetch the trace of any request it makes."""
     args = ["-f", str(CHARTS.parent / "k8s" / "values" / values)] if values else []
     objects = render("emporium", *args, "--set", "tracing.enabled=true", "--set", "global.mesh.enabled=true")
