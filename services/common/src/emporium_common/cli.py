@@ -38,7 +38,7 @@ def alembic_ini_for(main_module_file: str) -> Path:
     return source if source.exists() else Path("alembic.ini").resolve()
 
 
-def _load(app_factory: str) -> Callable[[Settings], FastAPI]:
+def load_app_factory(app_factory: str) -> Callable[[Settings], FastAPI]:
     module, _, name = app_factory.partition(":")
     return getattr(import_module(module), name)
 
@@ -77,6 +77,6 @@ def service_main(
             return 0
         from .app import serve
 
-        serve(_load(app_factory)(settings), settings)
+        serve(load_app_factory(app_factory)(settings), settings)
         return 0
     return (commands or {})[args.command].run(args, settings) or 0

@@ -4,9 +4,9 @@ skaffold syncs saved .py files into /app/dev) runs uvicorn with reload. Producti
 from __future__ import annotations
 
 import os
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from .cli import load_app_factory
 from .logging import configure_logging
 
 if TYPE_CHECKING:
@@ -43,5 +43,4 @@ def reloading_app() -> FastAPI:
     """The app in serve_reloading's worker process: our JSON logging, then the service's factory."""
     level, _, service = os.environ[LOGGING_ENV].partition(":")
     configure_logging(level, service)
-    module, _, name = os.environ[FACTORY_ENV].partition(":")
-    return getattr(import_module(module), name)()
+    return load_app_factory(os.environ[FACTORY_ENV])()  # the factory reads settings from the environment
